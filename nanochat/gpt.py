@@ -1,0 +1,401 @@
+"""
+GPT model with a one-field muP switch.
+
+Architecture (nanochat-style): token embedding, rotary positions, QK-norm, parameter-free RMSNorm,
+causal GQA attention with a per-layer sliding window, ReLU^2 MLP, per-layer residual scalars,
+untied lm_head, tanh logit softcap, no biases.
+
+`GPTConfig.mup_base_width = b > 0` turns on muP (Tensor Programs V, Yang et al. 2022) with width
+multiplier m = n_embd / b: attention logits scaled by attn_mult/head_dim, lm_head zero-initialised
+and its logits multiplied by output_mult/m, and the optimizer rules in `GPT.param_rules`.
+`mup_base_width = 0` is the standard parametrization (SP). See muP_changes.md for every rule.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat.optim import MuonAdamW
+
+# nanochat's SP rule scales the AdamW learning rates by (n_embd / 768)^-0.5; muP freezes that factor
+# at the base width so that base-width hyperparameters mean the same in both modes.
+ADAMW_LR_REFERENCE_WIDTH = 768
+DEFAULT_MATRIX_LR = {"muon": 0.02, "adamw": 0.003}
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 256
+    vocab_size: int = 4096
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 4
+    n_embd: int = 256
+    window_pattern: str = "L"  # L = full causal, S = sequence_len // 2 past tokens; tiled, last layer L
+    softcap: float = 15.0  # tanh logit cap; 0 disables it
+    mup_base_width: int = 0  # 0 = SP; b > 0 = muP with width multiplier n_embd / b
+    attn_mult: float = 8.0  # muP attention logit scale is attn_mult / head_dim (8 = sqrt(64))
+    output_mult: float = 1.0  # muP logits are multiplied by output_mult / m
+    attn_impl: str = "sdpa"  # sdpa (PyTorch scaled_dot_product_attention)
+    head_impl: str = "eager"  # eager (materialised fp32 logits)
+
+    def __post_init__(self):
+        for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GPTConfig.{name}={value!r}: must be a positive integer")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"GPTConfig.n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        if self.head_dim % 2:
+            raise ValueError(f"GPTConfig head_dim={self.head_dim} (n_embd/n_head) must be even for rotary")
+        if not self.window_pattern or set(self.window_pattern) - {"L", "S"}:
+            raise ValueError(f"GPTConfig.window_pattern={self.window_pattern!r}: use only 'L' and 'S' characters")
+        if not isinstance(self.mup_base_width, int) or self.mup_base_width < 0:
+            raise ValueError(f"GPTConfig.mup_base_width={self.mup_base_width!r}: must be 0 (SP) or a positive int")
+        for name in ("softcap", "attn_mult", "output_mult"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (value == 0 and name != "softcap"):
+                raise ValueError(f"GPTConfig.{name}={value!r}: must be a finite positive number")
+        if self.attn_impl not in ("sdpa",):
+            raise ValueError(f"GPTConfig.attn_impl={self.attn_impl!r}: choose sdpa")
+        if self.head_impl not in ("eager",):
+            raise ValueError(f"GPTConfig.head_impl={self.head_impl!r}: choose eager")
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @property
+    def use_mup(self):
+        return self.mup_base_width > 0
+
+    @property
+    def width_mult(self):
+        """m = n_embd / base width; exactly 1 under SP and at the base width."""
+        return self.n_embd / self.mup_base_width if self.use_mup else 1.0
+
+    @property
+    def attn_scale(self):
+        # muP: q.k grows like head_dim once q and k correlate during training, so scale by 1/d (TP5 sec. 4)
+        return self.attn_mult / self.head_dim if self.use_mup else 1.0 / math.sqrt(self.head_dim)
+
+    @property
+    def logit_mult(self):
+        return self.output_mult / self.width_mult if self.use_mup else 1.0
+
+    def windows(self):
+        """Per-layer left window (past tokens a query sees besides itself); None = full causal."""
+        pattern = (self.window_pattern * self.n_layer)[: self.n_layer]
+        return [self.sequence_len // 2 if c == "S" and i < self.n_layer - 1 else None for i, c in enumerate(pattern)]
+
+
+def norm(x):
+    # parameter-free RMSNorm: no gains, so no extra muP role to get wrong
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x, cos, sin):
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+def attention(q, k, v, scale, window, impl):
+    """Causal attention on (B, T, H, D) q and (B, T, H_kv, D) k, v; returns (B, T, H, D)."""
+    T = q.size(1)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    gqa = q.size(1) != k.size(1)
+    if window is None or window >= T - 1:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        i = torch.arange(T, device=q.device)
+        mask = (i[None, :] <= i[:, None]) & (i[None, :] >= i[:, None] - window)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return y.transpose(1, 2)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        hd = config.head_dim
+        self.c_q = nn.Linear(config.n_embd, config.n_head * hd, bias=False)
+        self.c_k = nn.Linear(config.n_embd, config.n_kv_head * hd, bias=False)
+        self.c_v = nn.Linear(config.n_embd, config.n_kv_head * hd, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, window):
+        B, T, C = x.shape
+        cfg = self.config
+        q = self.c_q(x).view(B, T, cfg.n_head, cfg.head_dim)
+        k = self.c_k(x).view(B, T, cfg.n_kv_head, cfg.head_dim)
+        v = self.c_v(x).view(B, T, cfg.n_kv_head, cfg.head_dim)
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+        y = attention(q, k, v, cfg.attn_scale, window, cfg.attn_impl)
+        return self.c_proj(y.reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attn = CausalSelfAttention(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, window):
+        x = x + self.attn(norm(x), cos, sin, window)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # per-layer residual scalars (nanochat): x <- resid_lambda * x + x0_lambda * x0 before each block
+        self.resid_lambdas = nn.Parameter(torch.empty(config.n_layer))
+        self.x0_lambdas = nn.Parameter(torch.empty(config.n_layer))
+        self.windows = config.windows()
+        cos, sin = self._rotary(config.sequence_len)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    # -------------------------------------------------------------------------------------------------
+    # parameter roles and the muP rules (the single source for init, optimizer and the role table)
+
+    def param_roles(self):
+        """Explicit role of every parameter (microsoft/mup naming); an unknown parameter is an error."""
+        roles = {}
+        for name, p in self.named_parameters():
+            if name == "transformer.wte.weight":
+                roles[name] = "embedding"
+            elif name == "lm_head.weight":
+                roles[name] = "readout"
+            elif name.startswith("transformer.h.") and name.endswith(".weight") and p.ndim == 2:
+                roles[name] = "hidden"
+            elif name in ("resid_lambdas", "x0_lambdas"):
+                roles[name] = "scalar"
+            else:
+                raise ValueError(f"parameter {name} has no muP role: add it to GPT.param_roles and muP_changes.md")
+        return roles
+
+    def init_std(self, name, p):
+        """Init std per parameter. Hidden: 1/sqrt(fan_in) keeps activations O(1) at any width (TP5 Table 8)."""
+        role = self.param_roles()[name]
+        if role == "embedding":
+            return 1.0  # width-independent: each coordinate O(1)
+        if role == "hidden":
+            return 0.0 if name.endswith("c_proj.weight") else p.shape[1] ** -0.5  # zero out-proj (nanochat)
+        if role == "readout":
+            return 0.0 if self.config.use_mup else 0.001  # muP: zero init (TP5 sec. D.2)
+        return 1.0 if name == "resid_lambdas" else 0.0
+
+    def _resolve_mup(self, use_mup, base_width):
+        cfg = self.config
+        if use_mup is None:
+            use_mup = cfg.use_mup
+        if use_mup != cfg.use_mup:
+            raise ValueError(
+                f"use_mup={use_mup} contradicts GPTConfig.mup_base_width={cfg.mup_base_width}: "
+                "set the config's mup_base_width instead"
+            )
+        if use_mup and base_width is not None and base_width != cfg.mup_base_width:
+            raise ValueError(
+                f"base_width={base_width} contradicts GPTConfig.mup_base_width={cfg.mup_base_width}: "
+                "rebuild the model with the base width you want"
+            )
+        return use_mup
+
+    def param_rules(
+        self,
+        matrix_lr=None,
+        embedding_lr=0.2,
+        unembedding_lr=0.004,
+        scalar_lr=0.5,
+        weight_decay=0.0,
+        adam_betas=(0.8, 0.95),
+        adam_eps=1e-10,
+        muon_momentum=0.95,
+        matrix_optimizer="muon",
+        use_mup=None,
+        base_width=None,
+    ):
+        """One row per parameter: role, init, forward multiplier, optimizer and its effective hyperparameters.
+
+        `matrix_lr=None` takes the optimizer's default (Muon 0.02, AdamW 0.003). Rules (m = n_embd / base):
+        - hidden on Muon: LR constant in width in both modes; the orthogonalised update scaled by
+          max(1, fan_out/fan_in)^0.5 already has the spectral size muP wants (Yang, Simon & Bernstein 2023).
+        - hidden on AdamW: SP width-independent; muP LR eta/m, eps eps/m, weight decay wd*m so the
+          per-step decay lr*wd stays invariant (TP5 Table 8).
+        - embedding, scalars: constant LR and eps. readout: constant LR (its 1/m lives in the forward
+          multiplier only), eps/m under muP because its gradient shrinks like 1/m.
+        - the Muon setup keeps nanochat's SP factor (n_embd/768)^-0.5 on the AdamW groups; muP uses its
+          value at the base width, so base-width hyperparameters mean the same in both modes.
+        """
+        if matrix_optimizer not in DEFAULT_MATRIX_LR:
+            raise ValueError(f"matrix_optimizer={matrix_optimizer!r}: choose 'muon' or 'adamw'")
+        cfg = self.config
+        use_mup = self._resolve_mup(use_mup, base_width)
+        m = cfg.width_mult if use_mup else 1.0
+        matrix_lr = DEFAULT_MATRIX_LR[matrix_optimizer] if matrix_lr is None else matrix_lr
+        if matrix_optimizer == "muon":
+            width = cfg.mup_base_width if use_mup else cfg.n_embd
+            adam_scale = (width / ADAMW_LR_REFERENCE_WIDTH) ** -0.5
+        else:
+            adam_scale = 1.0
+        adam = dict(optimizer="adamw", betas=tuple(adam_betas))
+        rows = []
+        for name, role in self.param_roles().items():
+            p = self.get_parameter(name)
+            row = dict(name=name, role=role, shape=tuple(p.shape), init_std=self.init_std(name, p), fwd_mult=1.0)
+            if role == "embedding":
+                row.update(adam, lr=embedding_lr * adam_scale, eps=adam_eps, wd=0.0)
+            elif role == "scalar":
+                row.update(adam, lr=scalar_lr, eps=adam_eps, wd=0.0)
+            elif role == "readout":
+                row.update(adam, lr=unembedding_lr * adam_scale, eps=adam_eps / m, wd=weight_decay)
+                row["fwd_mult"] = cfg.logit_mult
+            elif matrix_optimizer == "muon":
+                fan_out, fan_in = p.shape
+                row.update(optimizer="muon", lr=matrix_lr, eps=None, wd=weight_decay, momentum=muon_momentum,
+                           update_scale=max(1.0, fan_out / fan_in) ** 0.5)
+            else:
+                row.update(adam, lr=matrix_lr / m, eps=adam_eps / m, wd=weight_decay * m)
+            rows.append(row)
+        return rows
+
+    def mup_table(self, print_table=False, **kwargs):
+        """The role table (rows of `param_rules`); printed by the training script at start."""
+        rows = self.param_rules(**kwargs)
+        if print_table:
+            cfg = self.config
+            mode = f"muP (base width {cfg.mup_base_width}, m={cfg.width_mult:g})" if cfg.use_mup else "SP"
+            print(f"{mode}: attention scale {cfg.attn_scale:.5g}, logit multiplier {cfg.logit_mult:.5g}")
+            header = f"{'parameter':<36} {'role':<9} {'shape':<13} {'init std':>9} {'fwd mult':>8} "
+            print(header + f"{'optim':<6} {'lr':>9} {'adam eps':>9} {'wd':>6}")
+            for r in rows:
+                eps = "-" if r["eps"] is None else f"{r['eps']:.3g}"
+                shape = "x".join(map(str, r["shape"]))
+                print(f"{r['name']:<36} {r['role']:<9} {shape:<13} {r['init_std']:>9.4g} {r['fwd_mult']:>8.4g} "
+                      f"{r['optimizer']:<6} {r['lr']:>9.4g} {eps:>9} {r['wd']:>6.3g}")
+        return rows
+
+    def setup_optimizer(self, matrix_lr=None, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0,
+                        scalar_lr=0.5, adam_betas=(0.8, 0.95), adam_eps=1e-10, muon_momentum=0.95,
+                        matrix_optimizer="muon", use_mup=None, base_width=None):
+        """One MuonAdamW with a param group per rule; each group keeps its `base_lr` for LR schedules."""
+        rows = self.param_rules(matrix_lr, embedding_lr, unembedding_lr, scalar_lr, weight_decay, adam_betas,
+                                adam_eps, muon_momentum, matrix_optimizer, use_mup, base_width)
+        groups = {}
+        for r in rows:
+            # Muon stacks same-shape matrices to orthogonalise them in one batched call
+            muon = r["optimizer"] == "muon"
+            key = (r["optimizer"], r["role"], r["lr"], r["eps"], r["wd"], r["shape"] if muon else None)
+            g = groups.setdefault(key, dict(params=[], names=[], kind=r["optimizer"], role=r["role"],
+                                            lr=r["lr"], base_lr=r["lr"], weight_decay=r["wd"]))
+            if muon:
+                g.update(momentum=r["momentum"], update_scale=r["update_scale"])
+            else:
+                g.update(eps=r["eps"], betas=r["betas"])
+            g["params"].append(self.get_parameter(r["name"]))
+            g["names"].append(r["name"])
+        return MuonAdamW(list(groups.values()))
+
+    # -------------------------------------------------------------------------------------------------
+    # init and forward
+
+    def _rotary(self, seq_len, base=10000.0, device=None):
+        hd = self.config.head_dim
+        inv_freq = 1.0 / base ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd)
+        freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Initialise in place; works after `GPT(config)` on the meta device and `to_empty(device=...)`."""
+        for name, p in self.named_parameters():
+            std = self.init_std(name, p)
+            if p.ndim == 1:
+                p.fill_(std)
+            elif std == 0.0:
+                p.zero_()
+            elif self.param_roles()[name] == "hidden":
+                p.uniform_(-(3**0.5) * std, 3**0.5 * std)  # uniform: same std, no outliers (nanochat)
+            else:
+                p.normal_(0.0, std)
+        cos, sin = self._rotary(self.config.sequence_len, device=self.cos.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        """Logits (B, T, V) in fp32 without targets; else cross-entropy (targets of -1 ignored)."""
+        B, T = idx.shape
+        cfg = self.config
+        if T > cfg.sequence_len:
+            raise ValueError(f"input length {T} exceeds GPTConfig.sequence_len={cfg.sequence_len}")
+        cos, sin = self.cos[:, :T], self.sin[:, :T]
+        x = norm(self.transformer.wte(idx))
+        x0 = x
+        for i, block in enumerate(self.transformer.h):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            x = block(x, cos, sin, self.windows[i])
+        x = norm(x)
+        logits = self.lm_head(x).float()  # hooks on lm_head see the raw, unscaled logits
+        logits = logits * cfg.logit_mult
+        if cfg.softcap > 0:
+            logits = cfg.softcap * torch.tanh(logits / cfg.softcap)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=reduction)
+        return loss.view(B, T) if reduction == "none" else loss
+
+    # -------------------------------------------------------------------------------------------------
+    # accounting and sampling
+
+    def num_flops_per_token(self):
+        """Training FLOPs per token: 6 per matmul weight (fwd + bwd) plus attention scores (causal, unwindowed)."""
+        cfg = self.config
+        n_matmul = sum(p.numel() for n, p in self.named_parameters() if n != "transformer.wte.weight" and p.ndim == 2)
+        return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_embd * cfg.sequence_len
+
+    @torch.no_grad()
+    def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
+        """Sample continuation token ids of a list of prompt ids (no KV cache: the context is at most sequence_len)."""
+        device = self.cos.device
+        rng = torch.Generator(device=device).manual_seed(seed)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        out = []
+        for _ in range(max_tokens):
+            logits = self(ids[:, -self.config.sequence_len:])[:, -1, :]
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                probs = F.softmax(logits / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=rng)
+            ids = torch.cat([ids, nxt], dim=1)
+            out.append(nxt.item())
+        return out

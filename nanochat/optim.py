@@ -1,0 +1,94 @@
+"""
+MuonAdamW: one optimizer with Muon groups (hidden matrices) and AdamW groups (everything else).
+
+Hand-written rather than torch.optim.Muon + torch.optim.AdamW because the training loop, the
+checkpoints and the LR schedule want one object whose groups carry their muP roles, and Muon here
+stacks same-shape matrices to orthogonalise them in one batched call. The AdamW arithmetic itself is
+PyTorch's (`torch.optim.adamw.adamw`), so it matches torch.optim.AdamW exactly.
+
+Muon (Jordan et al. 2024): Nesterov momentum, then the orthogonal polar factor of the update via the
+Polar Express iteration (Amsel et al. 2025), scaled by max(1, fan_out/fan_in)^0.5 so its spectral norm
+matches the muP spectral condition (Yang, Simon & Bernstein 2023) and the LR is width-independent.
+"""
+
+import torch
+from torch.optim.adamw import adamw
+
+# Polar Express: per-iteration coefficients (a, b, c) of X <- a X + b (X X^T) X + c (X X^T)^2 X,
+# from the paper's optimised schedule for 5 iterations
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def orthogonalize(G):
+    """Approximate orthogonal polar factor of each matrix in a (..., rows, cols) stack."""
+    X = G.bfloat16() if G.is_cuda else G.float()  # bf16 is accurate enough on GPU; fp32 on CPU is faster
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    # 1.02 margin: the Frobenius norm bounds the spectral norm, the margin absorbs bf16 rounding
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-7)
+    for a, b, c in POLAR_EXPRESS_COEFFS:
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    if tall:
+        X = X.mT
+    return X.to(G.dtype)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Param groups carry `kind` ('muon' or 'adamw'), `lr`, `base_lr`, `weight_decay` and, for muon,
+    `momentum` and `update_scale`; for adamw, `betas` and `eps`. Muon groups hold same-shape matrices."""
+
+    def __init__(self, param_groups):
+        for g in param_groups:
+            if g.get("kind") not in ("muon", "adamw"):
+                raise ValueError(f"param group kind={g.get('kind')!r}: must be 'muon' or 'adamw'")
+            if g["kind"] == "muon" and len({p.shape for p in g["params"]}) != 1:
+                raise ValueError("a Muon param group must hold matrices of one shape")
+        super().__init__(param_groups, defaults={})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            if group["kind"] == "muon":
+                self._muon_step(group)
+            else:
+                self._adamw_step(group)
+
+    def _adamw_step(self, group):
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        for p in params:
+            if not self.state[p]:
+                self.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p, dtype=torch.float32),
+                                     exp_avg_sq=torch.zeros_like(p, dtype=torch.float32))
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+              [], [s["step"] for s in states], amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+              weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+
+    def _muon_step(self, group):
+        params = group["params"]
+        if any(p.grad is None for p in params):
+            return
+        grads = torch.stack([p.grad for p in params])
+        state = self.state[params[0]]  # one stacked momentum buffer per group, kept with its first param
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(grads)
+        buf = state["momentum_buffer"]
+        mu = group["momentum"]
+        buf.lerp_(grads, 1 - mu)
+        update = orthogonalize(grads.lerp_(buf, mu))  # Nesterov: g + mu * (buf - g)
+        lr = group["lr"]
+        for p, u in zip(params, update):
+            p.mul_(1 - lr * group["weight_decay"])  # decoupled decay; LR is width-constant so lr*wd is too
+            p.add_(u, alpha=-lr * group["update_scale"])

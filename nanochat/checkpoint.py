@@ -1,0 +1,91 @@
+"""
+Checkpoints: one folder per step, `<run>/checkpoints/step_000123/`, holding model.pt, optim.pt,
+loader_rank<r>.pt (each rank's data-loader state), rng_rank<r>.pt and meta.json. Every file is written
+atomically (temp file, fsync, rename) and meta.json is written last, by rank 0, after all ranks have
+written theirs: a folder without meta.json is incomplete and never picked for resume.
+"""
+
+import io
+import json
+import os
+import re
+import shutil
+
+import torch
+
+from nanochat.common import atomic_write_bytes, atomic_write_text
+from nanochat.gpt import GPT, GPTConfig
+
+
+def build_model(config, device):
+    """Construct on the meta device (no wasted init), materialise on `device`, initialise."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
+def ckpt_dir(run_dir, step):
+    return os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
+
+
+def _save(obj, path):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def save_rank_files(run_dir, step, rank, loader_state, rng_state):
+    d = ckpt_dir(run_dir, step)
+    _save(loader_state, os.path.join(d, f"loader_rank{rank}.pt"))
+    _save(rng_state, os.path.join(d, f"rng_rank{rank}.pt"))
+
+
+def save_main_files(run_dir, step, model, optimizer, meta, keep=2):
+    """Rank 0, after every rank's files are on disk: weights, optimizer, then meta.json (the commit mark)."""
+    d = ckpt_dir(run_dir, step)
+    _save(model.state_dict(), os.path.join(d, "model.pt"))
+    _save(optimizer.state_dict(), os.path.join(d, "optim.pt"))
+    atomic_write_text(os.path.join(d, "meta.json"), json.dumps(dict(meta, step=step), indent=2))
+    for old in complete_steps(run_dir)[:-keep]:
+        shutil.rmtree(ckpt_dir(run_dir, old), ignore_errors=True)
+
+
+def complete_steps(run_dir):
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    steps = [int(m.group(1)) for n in os.listdir(root) if (m := re.fullmatch(r"step_(\d+)", n))]
+    return sorted(s for s in steps if os.path.exists(os.path.join(ckpt_dir(run_dir, s), "meta.json")))
+
+
+def load_meta(run_dir, step=None):
+    """meta.json of the given (default: latest complete) checkpoint, or a clear error."""
+    steps = complete_steps(run_dir)
+    if not steps:
+        raise FileNotFoundError(f"no complete checkpoint in {run_dir}/checkpoints: train with --save-every first")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise FileNotFoundError(f"no complete checkpoint for step {step} in {run_dir}: have {steps}")
+    with open(os.path.join(ckpt_dir(run_dir, step), "meta.json")) as f:
+        return json.load(f)
+
+
+def load_file(run_dir, step, name, device="cpu"):
+    path = os.path.join(ckpt_dir(run_dir, step), name)
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint file {path} is missing: the checkpoint is incomplete") from None
+    except Exception as e:  # torch raises several types for truncated or corrupt files
+        raise ValueError(f"checkpoint file {path} is corrupt or truncated ({type(e).__name__}): "
+                         "delete that checkpoint folder to resume from the previous one") from None
+
+
+def load_model(run_dir, device, step=None):
+    """Model of a run's checkpoint (for sampling/eval), with its meta."""
+    meta = load_meta(run_dir, step)
+    model = build_model(GPTConfig(**meta["model_config"]), device)
+    model.load_state_dict(load_file(run_dir, meta["step"], "model.pt", device))
+    return model, meta

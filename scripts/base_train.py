@@ -1,0 +1,331 @@
+"""
+Pre-train a GPT, in SP or muP, on one CPU, one GPU or many (torchrun).
+
+    python scripts/base_train.py --depth 4 --mup-base-width 64
+    torchrun --standalone --nproc_per_node=2 scripts/base_train.py --mup_base_width 64
+
+Every option accepts both spellings (--mup-base-width and --mup_base_width). Writes to --out-dir:
+config.json, metrics.jsonl, checkpoints/step_*/ and loss.png. --resume continues from the latest
+complete checkpoint exactly where it stopped.
+"""
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from nanochat.checkpoint import build_model, complete_steps, load_file, load_meta, save_main_files, save_rank_files
+from nanochat.common import ArgParser, atomic_write_text, get_base_dir, get_dist_info
+from nanochat.dataloader import DataLoader
+from nanochat.dataset import list_shards
+from nanochat.gpt import GPTConfig
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.tokenizer import Tokenizer, get_token_bytes, tokenizer_dir
+
+# -----------------------------------------------------------------------------
+# options
+
+parser = ArgParser(description="pre-train a GPT (SP or muP)")
+# model
+parser.add("--depth", type=int, default=4, help="number of layers")
+parser.add("--aspect-ratio", type=int, default=64, help="n_embd = depth * aspect_ratio (unless --n-embd)")
+parser.add("--head-dim", type=int, default=64, help="n_head = n_embd / head_dim (unless --n-head)")
+parser.add("--n-embd", type=int, default=0, help="explicit width (0 = from depth and aspect ratio)")
+parser.add("--n-head", type=int, default=0, help="explicit number of heads (0 = from head_dim)")
+parser.add("--n-kv-head", type=int, default=0, help="key/value heads for GQA (0 = n_head)")
+parser.add("--sequence-len", type=int, default=256, help="context length")
+parser.add("--window-pattern", default="L", help="per-layer L (full) / S (half context) pattern, tiled")
+parser.add("--softcap", type=float, default=15.0, help="tanh logit softcap (0 = off)")
+# muP
+parser.add("--mup-base-width", type=int, default=0, help="muP base width (0 = standard parametrization)")
+parser.add("--attn-mult", type=float, default=8.0, help="muP attention logit scale is attn_mult / head_dim")
+parser.add("--output-mult", type=float, default=1.0, help="muP logits are multiplied by output_mult / m")
+# optimization
+parser.add("--matrix-optimizer", default="muon", choices=["muon", "adamw"], help="optimizer for hidden matrices")
+parser.add("--matrix-lr", type=float, default=None, help="hidden-matrix LR (default: muon 0.02, adamw 0.003)")
+parser.add("--embedding-lr", type=float, default=0.2)
+parser.add("--unembedding-lr", type=float, default=0.004)
+parser.add("--scalar-lr", type=float, default=0.5)
+parser.add("--weight-decay", type=float, default=0.0)
+parser.add("--device-batch-size", type=int, default=16, help="sequences per forward pass per process")
+parser.add("--total-batch-size", type=int, default=0, help="tokens per optimizer step (0 = one pass per process)")
+parser.add("--num-iterations", type=int, default=200, help="optimizer steps (unless --target-tokens)")
+parser.add("--target-tokens", type=int, default=0, help="token budget; sets the number of steps when > 0")
+parser.add("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear LR warmup")
+parser.add("--warmdown-ratio", type=float, default=0.3, help="fraction of steps of linear LR decay at the end")
+parser.add("--final-lr-frac", type=float, default=0.0, help="LR at the end as a fraction of the base LR")
+# evaluation, sampling, checkpoints, logging
+parser.add("--eval-every", type=int, default=100, help="val bits-per-byte every N steps (0 = only at the end)")
+parser.add("--eval-tokens", type=int, default=65536, help="val tokens per evaluation")
+parser.add("--sample-every", type=int, default=0, help="print samples every N steps (0 = only at the end)")
+parser.add("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
+parser.add("--resume", action="store_true", help="continue from the latest complete checkpoint in --out-dir")
+parser.add("--run", default="", help="wandb run name (wandb stays disabled without it; offline by default)")
+parser.add("--out-dir", default="", help="run directory (default: runs/<run or 'base'>)")
+parser.add("--data-dir", default="", help="parquet shards (default: <base dir>/data/shakespeare)")
+parser.add("--tokenizer-dir", default="", help="trained tokenizer (default: <base dir>/tokenizer/default)")
+# system
+parser.add("--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps or cpu")
+parser.add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA, else fp32")
+parser.add("--compile", default="auto", choices=["auto", "0", "1"], help="torch.compile (auto: on for CUDA only)")
+parser.add("--seed", type=int, default=42)
+args = parser.parse_args()
+
+for name in ("depth", "aspect_ratio", "head_dim", "sequence_len", "device_batch_size", "eval_tokens"):
+    if getattr(args, name) <= 0:
+        parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be positive")
+for name in ("num_iterations", "n_embd", "n_head", "n_kv_head", "total_batch_size", "target_tokens", "eval_every",
+             "sample_every", "save_every"):
+    if getattr(args, name) < 0:
+        parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must not be negative")
+if not 0 <= args.warmup_ratio + args.warmdown_ratio <= 1 or min(args.warmup_ratio, args.warmdown_ratio) < 0:
+    parser.error(f"--warmup-ratio={args.warmup_ratio} and --warmdown-ratio={args.warmdown_ratio}: "
+                 "each in [0, 1] and together at most 1")
+
+# -----------------------------------------------------------------------------
+# compute: device, distributed, precision
+
+ddp, rank, local_rank, world_size = get_dist_info()
+if args.device == "auto":
+    device_type = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+else:
+    device_type = args.device
+if device_type not in ("cuda", "mps", "cpu"):
+    parser.error(f"--device={args.device}: choose auto, cuda, mps or cpu")
+if device_type == "cuda" and not torch.cuda.is_available():
+    parser.error("--device=cuda but no CUDA GPU is visible: use --device cpu")
+device = torch.device(f"cuda:{local_rank}" if device_type == "cuda" else device_type)
+if device_type == "cuda":
+    torch.cuda.set_device(device)
+if ddp:
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+master = rank == 0
+torch.manual_seed(args.seed)
+torch.set_float32_matmul_precision("high")
+dtype = {"auto": torch.bfloat16 if device_type == "cuda" else torch.float32,
+         "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+use_compile = args.compile == "1" or (args.compile == "auto" and device_type == "cuda")
+
+
+def log(*a):
+    if master:
+        tqdm.write(" ".join(str(x) for x in a))
+
+
+# -----------------------------------------------------------------------------
+# data and tokenizer
+
+data_dir = os.path.abspath(args.data_dir or os.path.join(get_base_dir(), "data", "shakespeare"))
+tok_dir = args.tokenizer_dir or tokenizer_dir()
+if len(list_shards(data_dir)) < 2:
+    parser.error(f"--data-dir={data_dir} has fewer than 2 shards: run `python -m nanochat.dataset shakespeare`")
+if not os.path.exists(os.path.join(tok_dir, "token_bytes.pt")):
+    parser.error(f"--tokenizer-dir={tok_dir} holds no trained tokenizer: run `python scripts/tok_train.py`")
+tokenizer = Tokenizer.load(tok_dir)
+token_bytes = get_token_bytes(tok_dir, device)
+B, T = args.device_batch_size, args.sequence_len
+tokens_per_pass = B * T * world_size
+total_batch = args.total_batch_size or tokens_per_pass
+if total_batch % tokens_per_pass:
+    parser.error(f"--total-batch-size={total_batch} is not divisible by device_batch_size*sequence_len*world_size "
+                 f"= {B}*{T}*{world_size} = {tokens_per_pass}: pick a multiple of {tokens_per_pass}")
+grad_accum = total_batch // tokens_per_pass
+num_steps = math.ceil(args.target_tokens / total_batch) if args.target_tokens else args.num_iterations
+if num_steps <= 0:
+    parser.error("--num-iterations=0 and no --target-tokens: nothing to train")
+train_loader = DataLoader(tokenizer, data_dir, B, T, "train", rank, world_size, device, seed=args.seed)
+eval_steps = max(1, args.eval_tokens // tokens_per_pass)
+
+# -----------------------------------------------------------------------------
+# model and optimizer
+
+n_embd = args.n_embd or args.depth * args.aspect_ratio
+n_head = args.n_head or max(1, n_embd // args.head_dim)
+try:
+    config = GPTConfig(sequence_len=T, vocab_size=tokenizer.get_vocab_size(), n_layer=args.depth, n_head=n_head,
+                       n_kv_head=args.n_kv_head or n_head, n_embd=n_embd, window_pattern=args.window_pattern,
+                       softcap=args.softcap, mup_base_width=args.mup_base_width, attn_mult=args.attn_mult,
+                       output_mult=args.output_mult)
+except ValueError as e:
+    parser.error(str(e))
+model = build_model(config, device)
+opt_kwargs = dict(matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,
+                  weight_decay=args.weight_decay, scalar_lr=args.scalar_lr, matrix_optimizer=args.matrix_optimizer)
+optimizer = model.setup_optimizer(**opt_kwargs)
+if master:
+    model.mup_table(print_table=True, **opt_kwargs)
+train_model = torch.compile(model, dynamic=False) if use_compile else model
+
+
+def lr_mult(step):
+    warmup, warmdown = round(args.warmup_ratio * num_steps), round(args.warmdown_ratio * num_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step < num_steps - warmdown:
+        return 1.0
+    frac = (num_steps - step) / warmdown
+    return frac + (1 - frac) * args.final_lr_frac
+
+
+# -----------------------------------------------------------------------------
+# run directory, resume, logging
+
+out_dir = os.path.abspath(args.out_dir or os.path.join("runs", args.run or "base"))
+meta = dict(model_config=asdict(config), args=vars(args), world_size=world_size, data_dir=data_dir,
+            tokenizer_dir=os.path.abspath(tok_dir))
+metrics_path = os.path.join(out_dir, "metrics.jsonl")
+start_step, metrics = 0, []
+if args.resume:
+    try:
+        prev = load_meta(out_dir)
+        if prev["model_config"] != meta["model_config"] or prev["world_size"] != world_size:
+            parser.error(f"--resume: the checkpoint in {out_dir} was made with another model config or world size")
+        model.load_state_dict(load_file(out_dir, prev["step"], "model.pt", device))
+        optimizer.load_state_dict(load_file(out_dir, prev["step"], "optim.pt", device))
+        train_loader.load_state_dict(load_file(out_dir, prev["step"], f"loader_rank{rank}.pt"))
+        rng = load_file(out_dir, prev["step"], f"rng_rank{rank}.pt")
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(f"--resume: {e}")
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None and device_type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"])
+    start_step = prev["step"]
+    if os.path.exists(metrics_path):  # drop metrics logged after the checkpoint: they will be redone
+        metrics = [m for m in map(json.loads, open(metrics_path)) if m["step"] <= start_step]
+    log(f"resumed from step {start_step} in {out_dir}")
+elif complete_steps(out_dir):
+    parser.error(f"--out-dir={out_dir} already holds checkpoints: pass --resume or pick another --out-dir")
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(meta, indent=2))
+    atomic_write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
+
+wandb_run = None
+if args.run and master:
+    import wandb  # only when asked for: never online unless the user sets WANDB_MODE=online
+
+    wandb_run = wandb.init(project="nanochat-mup", name=args.run, dir=out_dir, config=meta,
+                           mode=os.environ.get("WANDB_MODE", "offline"))
+
+
+def log_metrics(row):
+    metrics.append(row)
+    if master:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if wandb_run is not None:
+            wandb_run.log(row, step=row["step"])
+
+
+def evaluate():
+    model.eval()
+    loader = DataLoader(tokenizer, data_dir, B, T, "val", rank, world_size, device)
+    with autocast:
+        bpb = evaluate_bpb(model, loader, eval_steps, token_bytes)
+    model.train()
+    return bpb
+
+
+def sample():
+    if not master:
+        return
+    model.eval()
+    for prompt in ("ROMEO:", "To be, or not to be", "The king"):
+        ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+        with autocast:
+            out = model.generate(ids, max_tokens=48, temperature=0.8, top_k=50, seed=args.seed)
+        log(f"  sample: {tokenizer.decode(ids[1:] + out)!r}")
+    model.train()
+
+
+def save(step):
+    save_rank_files(out_dir, step, rank, train_loader.state_dict(),
+                    dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if device_type == "cuda" else None))
+    if ddp:
+        dist.barrier()  # every rank's files are on disk before rank 0 marks the checkpoint complete
+    if master:
+        save_main_files(out_dir, step, model, optimizer, meta)
+    if ddp:
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# training loop
+
+log(f"{sum(p.numel() for p in model.parameters()):,} params | {num_steps} steps x {total_batch:,} tokens "
+    f"(grad accum {grad_accum}, world {world_size}) | {device_type} {str(dtype).split('.')[-1]}"
+    f"{' compiled' if use_compile else ''} | out {out_dir}")
+flops_per_token = model.num_flops_per_token()
+peak_flops = 989e12 if device_type == "cuda" else None  # H100 bf16 dense; MFU is only shown on CUDA
+bar = tqdm(range(start_step, num_steps), initial=start_step, total=num_steps, disable=not master, dynamic_ncols=True)
+t_last = time.time()
+for step in bar:
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * lr_mult(step)
+    loss_sum = torch.zeros((), device=device)
+    for _ in range(grad_accum):
+        x, y = train_loader.next_batch()
+        with autocast:
+            loss = train_model(x, y)
+        (loss / grad_accum).backward()
+        loss_sum += loss.detach()
+    if ddp:  # average gradients across ranks (what DDP does), one async all-reduce per parameter
+        works = [dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, async_op=True) for p in model.parameters()]
+        for w in works:
+            w.wait()
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    train_loss = loss_sum.item() / grad_accum
+    dt, t_last = time.time() - t_last, time.time()
+    tok_per_s = total_batch / dt
+    row = dict(step=step + 1, train_loss=train_loss, lr_mult=lr_mult(step), tok_per_s=tok_per_s, dt=dt)
+    postfix = dict(loss=f"{train_loss:.3f}", tok_s=f"{tok_per_s:,.0f}")
+    if peak_flops:
+        row["mfu"] = flops_per_token * tok_per_s / (peak_flops * world_size)
+        postfix["mfu"] = f"{100 * row['mfu']:.1f}%"
+    last = step + 1 == num_steps
+    if last or (args.eval_every and (step + 1) % args.eval_every == 0):
+        row["val_bpb"] = evaluate()
+        log(f"step {step + 1}: train loss {train_loss:.4f} | val bpb {row['val_bpb']:.4f}")
+    bar.set_postfix(postfix)
+    log_metrics(row)
+    if last or (args.sample_every and (step + 1) % args.sample_every == 0):
+        sample()
+    if last or (args.save_every and (step + 1) % args.save_every == 0):
+        save(step + 1)
+    t_last = time.time()  # eval, sampling and saving do not count against throughput
+bar.close()
+
+# -----------------------------------------------------------------------------
+# summary and plot
+
+if master and metrics:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5), dpi=80)
+    ax[0].plot([m["step"] for m in metrics], [m["train_loss"] for m in metrics])
+    ax[0].set(xlabel="step", ylabel="train loss (nats/token)", title=os.path.basename(out_dir))
+    evals = [m for m in metrics if "val_bpb" in m]
+    ax[1].plot([m["step"] for m in evals], [m["val_bpb"] for m in evals], marker="o")
+    ax[1].set(xlabel="step", ylabel="val bits per byte")
+    fig.tight_layout()
+    plot_path = os.path.join(out_dir, "loss.png")
+    fig.savefig(plot_path)
+    final = metrics[-1]
+    log(f"done: val bpb {final.get('val_bpb', float('nan')):.4f} | train loss {final['train_loss']:.4f} | "
+        f"plot {plot_path}")
+if wandb_run is not None:
+    wandb_run.finish()
+if ddp:
+    dist.destroy_process_group()

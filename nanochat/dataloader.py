@@ -1,0 +1,121 @@
+"""
+Distributed, resumable, BOS-aligned data loader.
+
+Reading: the split's parquet row groups are the units of order. Each epoch visits the units in a seeded
+permutation (val: file order, no shuffling), the docs inside a unit are permuted too (train only), and rank r
+keeps docs[r::world_size] of every unit. Striding docs rather than row groups means any number of ranks works
+even on a tiny corpus or a one-row-group val shard; the cost is that every rank decodes every row group,
+which is cheap next to tokenizing, which each rank only does for its own docs.
+
+Packing (nanochat's best-fit + crop): tokenized docs, each prefixed with BOS, wait in a buffer. A row of
+T+1 tokens is filled by repeatedly taking the longest buffered doc that still fits whole; when none fits,
+the shortest doc is cropped to fill the row exactly and its tail is dropped. So every row starts with BOS,
+no token is padding, and a doc never continues into another row (a model never sees a doc's middle without
+its start). The price is the dropped tails (docs longer than T+1 are always cropped).
+
+Resuming: state_dict() holds the read cursor (epoch, unit, doc) and the buffered token ids, so a loader
+restored from it yields exactly the batches the original would have.
+"""
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from nanochat.dataset import split_shards
+
+
+class DataLoader:
+    def __init__(self, tokenizer, data_dir, B, T, split="train", rank=0, world_size=1, device="cpu", seed=0,
+                 buffer_docs=256, tokenizer_batch=128, num_threads=4):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} is not in [0, world_size={world_size})")
+        self.tokenizer, self.data_dir, self.B, self.T, self.split = tokenizer, data_dir, B, T, split
+        self.rank, self.world_size, self.device, self.seed = rank, world_size, torch.device(device), seed
+        self.buffer_docs, self.tokenizer_batch, self.num_threads = buffer_docs, tokenizer_batch, num_threads
+        self.bos = tokenizer.get_bos_token_id()
+        self.units = [(p, i) for p in split_shards(data_dir, split) for i in range(pq.ParquetFile(p).num_row_groups)]
+        self.epoch, self.unit, self.doc = 0, 0, 0  # cursor: next doc to tokenize
+        self.buffer = []  # tokenized docs (lists of ids, each starting with BOS) waiting to be packed
+        self.order = self._order()
+        self._cached = (None, None)
+
+    def _order(self):
+        if self.split == "val":
+            return list(range(len(self.units)))
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.units)).tolist()
+
+    def _docs(self):
+        # this rank's docs of the current unit, read once and cached
+        key = (self.epoch, self.unit)
+        if self._cached[0] != key:
+            u = self.order[self.unit]
+            path, rg = self.units[u]
+            texts = pq.ParquetFile(path).read_row_group(rg, columns=["text"]).column("text").to_pylist()
+            if self.split == "train":
+                perm = np.random.default_rng([self.seed, self.epoch, u]).permutation(len(texts))
+                texts = [texts[i] for i in perm]
+            self._cached = (key, texts[self.rank::self.world_size])
+        return self._cached[1]
+
+    def _refill(self):
+        texts, empty_units = [], 0
+        while len(texts) < self.tokenizer_batch:
+            docs = self._docs()
+            if self.doc < len(docs):
+                take = docs[self.doc:self.doc + self.tokenizer_batch - len(texts)]
+                self.doc += len(take)
+                texts += take
+                empty_units = 0
+                continue
+            empty_units += 1
+            if empty_units > len(self.units):
+                raise ValueError(f"rank {self.rank} of {self.world_size} gets no documents of the {self.split} split "
+                                 f"in {self.data_dir}: use fewer ranks or more data")
+            self.unit, self.doc = self.unit + 1, 0
+            if self.unit == len(self.units):  # next epoch, in a new order
+                self.epoch, self.unit = self.epoch + 1, 0
+                self.order = self._order()
+        self.buffer += self.tokenizer.encode(texts, prepend=self.bos, num_threads=self.num_threads)
+
+    def next_batch(self):
+        rows, buf = [], self.buffer
+        for _ in range(self.B):
+            row = []
+            while len(row) < self.T + 1:
+                while len(buf) < self.buffer_docs:
+                    self._refill()
+                room = self.T + 1 - len(row)
+                fits = [i for i, d in enumerate(buf) if len(d) <= room]
+                if fits:
+                    i = max(fits, key=lambda i: len(buf[i]))
+                else:  # nothing fits whole: crop the shortest, wasting the least
+                    i = min(range(len(buf)), key=lambda i: len(buf[i]))
+                row += buf.pop(i)[:room]
+            rows.append(row)
+        batch = torch.tensor(rows, dtype=torch.int64)
+        x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self):
+        return {
+            "split": self.split, "rank": self.rank, "world_size": self.world_size, "seed": self.seed,
+            "epoch": self.epoch, "unit": self.unit, "doc": self.doc,
+            "lengths": torch.tensor([len(d) for d in self.buffer], dtype=torch.int64),
+            "tokens": torch.tensor([t for d in self.buffer for t in d], dtype=torch.int32),
+        }
+
+    def load_state_dict(self, state):
+        for k in ("split", "rank", "world_size", "seed"):
+            if state[k] != getattr(self, k):
+                raise ValueError(f"loader state has {k}={state[k]!r} but this loader has {getattr(self, k)!r}: "
+                                 f"resume with the same {k}")
+        self.epoch, self.unit, self.doc = state["epoch"], state["unit"], state["doc"]
+        self.buffer = [t.tolist() for t in state["tokens"].long().split(state["lengths"].tolist())]
+        self.order = self._order()
+        self._cached = (None, None)

@@ -1,0 +1,58 @@
+"""
+Train the BPE tokenizer on the train split of a data dir and save it (plus token_bytes.pt).
+    python -m scripts.tok_train --vocab-size 4096
+Idempotent: reruns with the same arguments reuse the saved tokenizer.
+"""
+
+import argparse
+import json
+import os
+import time
+
+from nanochat.common import atomic_write_text, get_base_dir
+from nanochat.dataset import iter_documents
+from nanochat.tokenizer import Tokenizer, tokenizer_dir
+
+parser = argparse.ArgumentParser(description="train the BPE tokenizer")
+parser.add_argument("--vocab-size", "--vocab_size", type=int, default=4096, help="including special tokens")
+parser.add_argument("--data-dir", "--data_dir", default=None, help="default: <base dir>/data/shakespeare")
+parser.add_argument("--max-chars", "--max_chars", type=int, default=2_000_000_000,
+                    help="train on at most this many chars of the train split")
+parser.add_argument("--out", default=None, help="default: <base dir>/tokenizer/default")
+args = parser.parse_args()
+data_dir = os.path.abspath(args.data_dir or os.path.join(get_base_dir(), "data", "shakespeare"))
+out = args.out or tokenizer_dir()
+if args.max_chars <= 0:
+    parser.error(f"--max-chars={args.max_chars} must be positive")
+
+meta = {"data_dir": data_dir, "vocab_size": args.vocab_size, "max_chars": args.max_chars}
+meta_path = os.path.join(out, "meta.json")
+if os.path.exists(meta_path) and json.load(open(meta_path)) == meta:
+    print(f"tokenizer in {out} is already trained with {meta}")
+    tok = Tokenizer.load(out)
+else:
+    def text_iterator():
+        # the train split, capped at max_chars (the last doc is cut to fit)
+        n = 0
+        for text in iter_documents(data_dir, "train"):
+            text = text[:args.max_chars - n]
+            n += len(text)
+            yield text
+            if n >= args.max_chars:
+                return
+
+    t0 = time.time()
+    try:
+        tok = Tokenizer.train_from_iterator(text_iterator(), args.vocab_size)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"trained a {tok.get_vocab_size()} token vocab in {time.time() - t0:.2f}s")
+    tok.save(out)
+    atomic_write_text(meta_path, json.dumps(meta, indent=2))
+    print(f"saved to {out}")
+
+# compression on the held-out split: more bytes per token = a better fit to the data
+texts = list(iter_documents(data_dir, "val"))
+n_tokens = sum(map(len, tok.encode(texts)))
+n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+print(f"val: {len(texts)} docs, {n_bytes} bytes, {n_tokens} tokens, {n_bytes / n_tokens:.3f} bytes/token")

@@ -1,5 +1,6 @@
 """Small helpers shared across the repo: cache dir, distributed info, atomic writes."""
 
+import argparse
 import os
 import tempfile
 from contextlib import contextmanager
@@ -50,3 +51,14 @@ def atomic_write_bytes(path, data):
 
 def atomic_write_text(path, text):
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2, no usage dump) and both spellings of every option."""
+
+    def add(self, name, **kw):
+        names = [name] + ([name.replace("-", "_").replace("__", "--", 1)] if "-" in name[2:] else [])
+        return self.add_argument(*names, **kw)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")

@@ -237,10 +237,10 @@ def sample():
     if not master:
         return
     model.eval()
-    for prompt in ("ROMEO:", "To be, or not to be", "The king"):
+    for i, prompt in enumerate(("ROMEO:", "To be, or not to be", "The king")):
         ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
         with autocast:
-            out = model.generate(ids, max_tokens=48, temperature=0.8, top_k=50, seed=args.seed)
+            out = model.generate(ids, max_tokens=48, temperature=0.8, top_k=50, seed=args.seed + i)
         log(f"  sample: {tokenizer.decode(ids[1:] + out)!r}")
     model.train()
 
@@ -303,6 +303,13 @@ for step in bar:
         save(step + 1)
     t_last = time.time()  # eval, sampling and saving do not count against throughput
 bar.close()
+if ddp:  # every rank must hold the same weights: compare a checksum of all parameters
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    sums = [torch.zeros_like(checksum) for _ in range(world_size)]
+    dist.all_gather(sums, checksum)
+    if len({s.item() for s in sums}) != 1:
+        raise RuntimeError(f"ranks diverged: parameter checksums {[s.item() for s in sums]}")
+    log(f"all {world_size} ranks hold identical parameters (checksum {checksum.item():.10g})")
 
 # -----------------------------------------------------------------------------
 # summary and plot

@@ -1,0 +1,115 @@
+"""End-to-end tests of scripts/base_train.py and scripts/sample.py on a tiny model and generated text."""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanochat.dataset import write_shards
+from nanochat.tokenizer import Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--depth", "1", "--n-embd", "32", "--n-head", "2", "--sequence-len", "32", "--device-batch-size", "4",
+        "--eval-tokens", "256", "--device", "cpu", "--dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Shards of generated sentences and a small BPE trained on them."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    words = "the king queen lord speaks sleeps of my our and to a sword crown night day fair".split()
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 80))) + "." for _ in range(400)]
+    data = root / "data"
+    write_shards(docs, str(data), chars_per_shard=20_000)
+    tok = Tokenizer.train_from_iterator(iter(docs), 300)
+    tok.save(str(root / "tok"))
+    return dict(data=str(data), tok=str(root / "tok"))
+
+
+def train(corpus, out, *extra, nproc=1, check=True):
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "base_train.py")]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", cmd[1]]
+    cmd += TINY + ["--data-dir", corpus["data"], "--tokenizer-dir", corpus["tok"], "--out-dir", str(out), *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def metrics(out):
+    return [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+
+def test_train_smoke_loss_decreases_and_files_written(corpus, tmp_path):
+    out = tmp_path / "run"
+    r = train(corpus, out, "--num-iterations", "30", "--eval-every", "15", "--mup-base-width", "16",
+              "--matrix-lr", "0.05", "--embedding-lr", "0.3", "--unembedding-lr", "0.05")
+    assert "readout" in r.stdout and "lm_head.weight" in r.stdout  # the role table is printed
+    m = metrics(out)
+    assert [row["step"] for row in m] == list(range(1, 31))
+    assert sum(r["train_loss"] for r in m[-5:]) / 5 < 0.7 * m[0]["train_loss"]
+    assert [r["step"] for r in m if "val_bpb" in r] == [15, 30]
+    assert m[-1]["val_bpb"] < m[14]["val_bpb"]
+    assert (out / "loss.png").stat().st_size > 1000
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["model_config"]["mup_base_width"] == 16
+    assert os.path.exists(out / "checkpoints" / "step_000030" / "meta.json")
+    assert "sample:" in r.stdout
+    s = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sample.py"), "--run", str(out), "--prompt",
+                        "the king", "--max-tokens", "8"], capture_output=True, text=True, timeout=120)
+    assert s.returncode == 0 and s.stdout.count("the king") == 1, s.stderr
+
+
+def test_resume_continues_at_the_checkpoint_step(corpus, tmp_path):
+    out = tmp_path / "run"
+    common = ["--num-iterations", "8", "--eval-every", "0", "--warmdown-ratio", "0.5", "--save-every", "4"]
+    train(corpus, out, *common)
+    before = metrics(out)
+    # as if the run died after its step-4 checkpoint: drop the step-8 one and resume
+    shutil.rmtree(out / "checkpoints" / "step_000008")
+    r = train(corpus, out, *common, "--resume")
+    assert "resumed from step 4" in r.stdout + r.stderr
+    after = metrics(out)
+    assert [row["step"] for row in after] == list(range(1, 9))
+    # same weights, optimizer state and data position: bit-identical losses on CPU
+    assert [row["train_loss"] for row in after] == [row["train_loss"] for row in before]
+
+
+def test_torchrun_two_ranks_hold_identical_weights(corpus, tmp_path):
+    out = tmp_path / "ddp"
+    r = train(corpus, out, "--num-iterations", "4", "--eval-every", "0", nproc=2)
+    assert "all 2 ranks hold identical parameters" in r.stdout + r.stderr
+    assert len(metrics(out)) == 4
+    w = torch.load(out / "checkpoints" / "step_000004" / "model.pt")
+    assert all(torch.isfinite(t).all() for t in w.values())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--bogus-option", "1"], "unrecognized arguments: --bogus-option"),
+        (["--total-batch-size", "1000"], "--total-batch-size=1000 is not divisible"),
+        (["--n-embd", "30", "--n-head", "4"], "n_embd=30 is not divisible by n_head=4"),
+        (["--depth", "0"], "--depth=0"),
+        (["--device", "tpu"], "--device=tpu"),
+    ],
+)
+def test_bad_cli_input_gives_one_line_error(corpus, tmp_path, args, message):
+    r = train(corpus, tmp_path / "bad", *args, check=False)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_missing_corpus_gives_one_line_error(corpus, tmp_path):
+    r = train(dict(corpus, data=str(tmp_path / "nothing")), tmp_path / "bad", check=False)
+    assert r.returncode == 2 and "nanochat.dataset shakespeare" in r.stderr
+    assert r.stderr.strip().count("\n") == 0

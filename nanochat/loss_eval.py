@@ -18,7 +18,8 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         loss = model(x, y, reduction="none").reshape(-1).double()
         y = y.reshape(-1)
         nbytes = torch.where(y >= 0, token_bytes.to(y.device)[y.clamp(min=0)], 0).long()
-        nats = torch.where(nbytes > 0, loss, 0.0).sum()  # where, not multiply: loss may be nan at ignored slots
+        # where, not multiply: the loss may be nan at ignored slots
+        nats = torch.where(nbytes > 0, loss, 0.0).sum()
         total_nats = nats if total_nats is None else total_nats + nats
         total_bytes = nbytes.sum() if total_bytes is None else total_bytes + nbytes.sum()
     if total_nats is None:
@@ -28,5 +29,6 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         dist.all_reduce(total_bytes)
     total_bytes = total_bytes.item()
     if total_bytes == 0:
-        raise ValueError("the eval batches contain no bytes (only special tokens): check the data and token_bytes")
+        raise ValueError("the eval batches contain no bytes (only special tokens): "
+                         "check the data and token_bytes")
     return total_nats.item() / (math.log(2) * total_bytes)

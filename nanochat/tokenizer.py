@@ -16,7 +16,8 @@ from nanochat.common import atomic_write_bytes, get_base_dir
 # GPT-4 style split, but numbers split into groups of at most 2 digits (as nanochat: fewer
 # number tokens wasted in a small vocab)
 SPLIT_PATTERN = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+    r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>"]  # ids appended right after the learned ranks
 
@@ -40,7 +41,7 @@ class Tokenizer:
     def train_from_iterator(cls, text_iterator, vocab_size):
         n_learned = vocab_size - len(SPECIAL_TOKENS)
         if n_learned < 256:
-            raise ValueError(f"vocab_size={vocab_size} is too small: need at least {256 + len(SPECIAL_TOKENS)}")
+            raise ValueError(f"vocab_size={vocab_size} is too small: use >= 256 + {len(SPECIAL_TOKENS)}")
         tok = rustbpe.Tokenizer()
         tok.train_from_iterator(text_iterator, n_learned, pattern=SPLIT_PATTERN)
         ranks = {bytes(b): rank for b, rank in tok.get_mergeable_ranks()}
@@ -59,7 +60,7 @@ class Tokenizer:
         return cls(d["pattern"], d["mergeable_ranks"])
 
     def save(self, directory):
-        d = {"pattern": self.pattern, "mergeable_ranks": self.mergeable_ranks, "special_tokens": SPECIAL_TOKENS}
+        d = dict(pattern=self.pattern, mergeable_ranks=self.mergeable_ranks, special_tokens=SPECIAL_TOKENS)
         atomic_write_bytes(os.path.join(directory, "tokenizer.pkl"), pickle.dumps(d))
         # per-token byte lengths travel with the tokenizer, for bits-per-byte evaluation
         buf = io.BytesIO()

@@ -27,7 +27,13 @@ if args.max_chars <= 0:
 
 meta = {"data_dir": data_dir, "vocab_size": args.vocab_size, "max_chars": args.max_chars}
 meta_path = os.path.join(out, "meta.json")
-if os.path.exists(meta_path) and json.load(open(meta_path)) == meta:
+def saved_meta():
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            return json.load(f)
+
+
+if saved_meta() == meta:
     print(f"tokenizer in {out} is already trained with {meta}")
     tok = Tokenizer.load(out)
 else:
@@ -47,6 +53,8 @@ else:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"trained a {tok.get_vocab_size()} token vocab in {time.time() - t0:.2f}s")
+    if tok.get_vocab_size() < args.vocab_size:
+        print(f"note: the text ran out of merges before --vocab-size={args.vocab_size}: use more text")
     tok.save(out)
     atomic_write_text(meta_path, json.dumps(meta, indent=2))
     print(f"saved to {out}")

@@ -199,7 +199,7 @@ if args.resume:
     start_step = prev["step"]
     if os.path.exists(metrics_path):  # drop metrics logged after the checkpoint: they will be redone
         metrics = [m for m in map(json.loads, open(metrics_path)) if m["step"] <= start_step]
-    log(f"resumed from step {start_step} in {out_dir}")
+    log(f"resumed from step {start_step} in {out_dir}" + (" (already complete)" if start_step >= num_steps else ""))
 elif complete_steps(out_dir):
     parser.error(f"--out-dir={out_dir} already holds checkpoints: pass --resume or pick another --out-dir")
 if master:

@@ -1,22 +1,16 @@
 #!/usr/bin/env bash
-# The main job from a fresh clone: .venv, then a forward/backward smoke of a small muP model.
+# The main job from a fresh clone: .venv + dependencies, the Shakespeare demo corpus, a BPE tokenizer,
+# a muP training run on the CPU (or GPU if present), then a sample. Rerunning it resumes/reuses everything.
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
-python - <<'PY'
-import torch
-from nanochat.gpt import GPT, GPTConfig
-cfg = GPTConfig(n_layer=2, n_embd=256, n_head=4, n_kv_head=4, mup_base_width=64)
-with torch.device("meta"):
-    model = GPT(cfg)
-model.to_empty(device="cpu")
-model.init_weights()
-model.mup_table(print_table=True)
-opt = model.setup_optimizer()
-x = torch.randint(0, cfg.vocab_size, (4, 64))
-for step in range(10):
-    loss = model(x, x)
-    loss.backward()
-    opt.step()
-    model.zero_grad(set_to_none=True)
-    print(f"step {step} loss {loss.item():.4f}")
-PY
+python -m nanochat.dataset shakespeare
+python scripts/tok_train.py --vocab-size 4096
+OUT=runs/quickstart
+RESUME=()
+if [ -f "$OUT/config.json" ] && ls "$OUT"/checkpoints/step_*/meta.json >/dev/null 2>&1; then
+    RESUME=(--resume)  # an earlier quickstart: continue it (or just report it, if it finished)
+fi
+python scripts/base_train.py --depth 4 --aspect-ratio 64 --head-dim 64 --mup-base-width 64 \
+    --sequence-len 256 --device-batch-size 16 --num-iterations "${QUICKSTART_STEPS:-300}" \
+    --eval-every 100 --eval-tokens 32768 --save-every 100 --out-dir "$OUT" "${RESUME[@]}"
+python scripts/sample.py --run "$OUT" --prompt "ROMEO:" --max-tokens 80

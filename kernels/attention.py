@@ -129,6 +129,16 @@ def _load_rows(ptr, offs, offs_d, stride, T, MASKED: tl.constexpr, UPCAST: tl.co
 
 
 @triton.jit
+def _cast_out(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST and dtype == tl.bfloat16:
+        # the interpreter truncates fp32 -> bf16; round to nearest even by hand, as the GPU does
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kt, offs_m, offs_d, start, end, T, window, qk_scale,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
@@ -180,7 +190,7 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale, T, H, group, window,
     tl.store(LSE + bh * T + offs_m, m_i + tl.log2(l_i), mask=row_ok)
     o = acc / l_i[:, None]
     o_ptrs = O + offs_m[:, None] * stride_qt + offs_d[None, :]
-    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(o_ptrs, _cast_out(o, O.dtype.element_ty, UPCAST), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -255,8 +265,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, scale, qk_scale, T, H, group
                                BLOCK_M, True, CAUSAL, UPCAST, PRECISION)
     ptrs = offs_n[:, None] * stride_kt + offs_d[None, :]
     row_ok = offs_n[:, None] < T
-    tl.store(DK + kv_off + ptrs, (dk * scale).to(DK.dtype.element_ty), mask=row_ok)
-    tl.store(DV + kv_off + ptrs, dv.to(DV.dtype.element_ty), mask=row_ok)
+    tl.store(DK + kv_off + ptrs, _cast_out(dk * scale, DK.dtype.element_ty, UPCAST), mask=row_ok)
+    tl.store(DV + kv_off + ptrs, _cast_out(dv, DV.dtype.element_ty, UPCAST), mask=row_ok)
 
 
 @triton.jit
@@ -303,7 +313,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, scale, qk_scale, T, H, group, wind
     dq = _bwd_q_tiles(dq, q, do, lse, delta, K, V, stride_kt, offs_m, offs_d, full_hi, hi, T, window,
                       qk_scale, BLOCK_N, True, CAUSAL, UPCAST, PRECISION)
     ptrs = DQ + q_off + offs_m[:, None] * stride_qt + offs_d[None, :]
-    tl.store(ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=offs_m[:, None] < T)
+    tl.store(ptrs, _cast_out(dq * scale, DQ.dtype.element_ty, UPCAST), mask=offs_m[:, None] < T)
 
 
 # -----------------------------------------------------------------------------

@@ -109,10 +109,12 @@ def _query_range(start_n, T, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
 
 
 @triton.jit
-def _visible(offs_m, offs_n, T, window, CAUSAL: tl.constexpr):
-    keep = (offs_m[:, None] < T) & (offs_n[None, :] < T)
+def _visible(i, j, T, window, CAUSAL: tl.constexpr):
+    # i (query) and j (key) positions come pre-broadcast, so the backward gets its transposed
+    # mask without a layout-changing tl.trans
+    keep = (i < T) & (j < T)
     if CAUSAL:
-        keep = keep & (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= offs_m[:, None] - window)
+        keep = keep & (j <= i) & (j >= i - window)
     return keep
 
 
@@ -148,7 +150,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kt, offs_m, offs_d, start, end, T,
         v = _load_rows(V, offs_n, offs_d, stride_kt, T, MASKED, UPCAST)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
-            s = tl.where(_visible(offs_m, offs_n, T, window, CAUSAL), s, float("-inf"))
+            s = tl.where(_visible(offs_m[:, None], offs_n[None, :], T, window, CAUSAL), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -223,7 +225,7 @@ def _bwd_kv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, offs_n, offs_d, st
             delta = tl.load(DELTA + offs_m)
         pT = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :])
         if MASKED:
-            pT = tl.where(tl.trans(_visible(offs_m, offs_n, T, window, CAUSAL)), pT, 0.0)
+            pT = tl.where(_visible(offs_m[None, :], offs_n[:, None], T, window, CAUSAL), pT, 0.0)
         dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dsT = pT * (dpT - delta[None, :])
@@ -279,7 +281,7 @@ def _bwd_q_tiles(dq, q, do, lse, delta, K, V, stride_kt, offs_m, offs_d, start, 
         v = _load_rows(V, offs_n, offs_d, stride_kt, T, MASKED, UPCAST)
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
         if MASKED:
-            p = tl.where(_visible(offs_m, offs_n, T, window, CAUSAL), p, 0.0)
+            p = tl.where(_visible(offs_m[:, None], offs_n[None, :], T, window, CAUSAL), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -329,10 +331,12 @@ def _configs(candidates):
 
 
 _KEY = ["T", "HEAD_DIM", "CAUSAL", "group"]
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); the backward kernels keep the looped-over dim small
-_FWD_CONFIGS = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)]
-_DKDV_CONFIGS = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)]
-_DQ_CONFIGS = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). The backward kernels keep the looped-over dim small;
+# at D=128 bf16 the big ones compile for sm_90 to wgmma with no (fwd, dq) or <= 128 B (dkdv) of
+# register spills; the 64x64 two-stage ones are the fallback that fits shared memory for fp32.
+_FWD_CONFIGS = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 2)]
+_DKDV_CONFIGS = [(32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 8, 2)]
+_DQ_CONFIGS = [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2)]
 _attn_fwd = triton.autotune(_configs(_FWD_CONFIGS), key=_KEY)(_attn_fwd)
 _attn_bwd_dkdv = triton.autotune(_configs(_DKDV_CONFIGS), key=_KEY)(_attn_bwd_dkdv)
 _attn_bwd_dq = triton.autotune(_configs(_DQ_CONFIGS), key=_KEY)(_attn_bwd_dq)
@@ -341,7 +345,8 @@ _attn_bwd_dq = triton.autotune(_configs(_DQ_CONFIGS), key=_KEY)(_attn_bwd_dq)
 def _launch_args(q, k, window):
     B, T, H, D = q.shape
     assert D in (32, 64, 128), f"head_dim must be 32, 64 or 128 for the Triton attention kernel, got {D}"
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 inputs get exact fp32 dots on GPU
+    # fp32 inputs: 3xTF32 keeps ~fp32 accuracy on tensor cores ("ieee" compiles to spilling FMA loops)
+    precision = "tf32x3" if q.dtype == torch.float32 else "tf32"
     return dict(T=T, H=H, group=H // k.size(2), window=NO_WINDOW if window is None else window,
                 stride_qb=q.stride(0), stride_qt=q.stride(1), stride_kb=k.stride(0), stride_kt=k.stride(1),
                 HEAD_DIM=D, UPCAST=INTERPRET, PRECISION=precision)

@@ -424,4 +424,5 @@ def flash_attention(q, k, v, *, scale, causal=True, window=None):
     """q (B, T, H, D), k and v (B, T, H_kv, D) -> (B, T, H, D). `scale` multiplies q.k (runtime
     value: changing it does not recompile). `window`: past positions visible besides self."""
     _check_args(q, k, v, causal, window)
+    assert q.dtype == k.dtype == v.dtype, f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}"
     return flash_attn_fwd(q.contiguous(), k.contiguous(), v.contiguous(), float(scale), causal, window)[0]

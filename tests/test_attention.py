@@ -11,8 +11,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the import of the @triton.jit module
 
 import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+import kernels.attention as attention  # noqa: E402
 from kernels.attention import (  # noqa: E402
     _attn_fwd,
     attention_reference,
@@ -76,6 +78,24 @@ def test_fp32_matches_fp64_reference(B, T, H, H_kv, D, causal, window, scale):
     for name, x, r in zip("o dq dk dv".split(), out, ref, strict=True):
         assert x.dtype == torch.float32 and x.shape == r.shape
         assert _rel_err(x, r) < 1e-5, f"{name}: {_rel_err(x, r):.2e}"
+
+
+GPU_TILES = sorted({(m, n) for m, n, _, _ in attention._FWD_CONFIGS + attention._DKDV_CONFIGS
+                    + attention._DQ_CONFIGS} - {(64, 64)})
+
+
+@pytest.mark.parametrize("block_m,block_n", GPU_TILES)
+def test_gpu_tile_shapes(block_m, block_n, monkeypatch):
+    # the interpreter otherwise only runs 64x64; the tile-range logic must hold for the CUDA shapes too
+    for kernel in (attention._attn_fwd, attention._attn_bwd_dkdv, attention._attn_bwd_dq):
+        monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n})])
+    for window in (None, 45, 150):
+        q, k, v, do = _inputs(1, 200, 2, 1, 32, torch.float32)
+        kw = dict(scale=_scale("sp", 32), window=window)
+        out = _run(flash_attention, q, k, v, do, **kw)
+        ref = _run(attention_reference, q.double(), k.double(), v.double(), do.double(), **kw)
+        for name, x, r in zip("o dq dk dv".split(), out, ref, strict=True):
+            assert _rel_err(x, r) < 1e-5, f"{name} window={window}: {_rel_err(x, r):.2e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

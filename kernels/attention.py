@@ -353,6 +353,7 @@ def _launch_args(q, k, window):
 
 
 def _forward(q, k, v, scale, causal, window):
+    assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous(), "strides assume contiguous q, k, v"
     B, T, H, D = q.shape
     o = torch.empty_like(q)
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)

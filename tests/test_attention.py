@@ -1,0 +1,219 @@
+import inspect
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the import of the @triton.jit module
+
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+import kernels.attention as attention  # noqa: E402
+from kernels.attention import (  # noqa: E402
+    attention_reference,
+    flash_attention,
+    flash_attn_fwd,
+    sliding_window_mask,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# (B, T, H, H_kv, D, causal, window, scale): odd T, GQA 2:1 / 4:1 / MQA, windows below, at and above
+# the 64-wide tile and above T, window 0, non-causal, head_dim 32 and 64, muP (1/d) and SP (1/sqrt d)
+CASES = [
+    (1, 1, 2, 1, 32, True, None, "sp"),
+    (1, 1, 2, 2, 32, True, 0, "mup"),
+    (2, 77, 4, 2, 32, True, None, "sp"),
+    (1, 77, 4, 1, 64, True, 10, "mup"),
+    (1, 130, 4, 1, 32, True, 200, "sp"),
+    (1, 130, 2, 2, 64, True, 0, "sp"),
+    (1, 130, 4, 2, 64, True, 70, "mup"),
+    (1, 192, 2, 1, 32, True, 64, "sp"),
+    (2, 128, 2, 2, 64, True, None, "mup"),
+    (1, 130, 2, 1, 32, False, None, "mup"),
+    (2, 77, 2, 2, 64, False, None, "sp"),
+]
+LONG_CASES = [(1, 8192, 4, 2, 128, True, None, "sp"), (1, 8192, 4, 1, 128, True, 2048, "mup"),
+              (2, 4097, 4, 4, 64, True, 1000, "sp")]
+
+
+def _scale(kind, D):
+    return 1.0 / D if kind == "mup" else 1.0 / math.sqrt(D)
+
+
+def _inputs(B, T, H, H_kv, D, dtype, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    make = lambda *shape: torch.randn(*shape, generator=g).to(DEVICE, dtype)
+    return make(B, T, H, D), make(B, T, H_kv, D), make(B, T, H_kv, D), make(B, T, H, D)
+
+
+def _run(fn, q, k, v, do, **kw):
+    """Output and input grads of fn, computed in the inputs' dtype."""
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    o = fn(q, k, v, **kw)
+    o.backward(do)
+    return [o.detach(), q.grad, k.grad, v.grad]
+
+
+def _rel_err(x, ref):
+    """max |x - ref| relative to the reference's scale (absolute where the reference is all zero)."""
+    ref = ref.double()
+    return ((x.double() - ref).abs().max() / (ref.abs().max().item() or 1.0)).item()
+
+
+@pytest.mark.parametrize("B,T,H,H_kv,D,causal,window,scale", CASES)
+def test_fp32_matches_fp64_reference(B, T, H, H_kv, D, causal, window, scale):
+    q, k, v, do = _inputs(B, T, H, H_kv, D, torch.float32)
+    kw = dict(scale=_scale(scale, D), causal=causal, window=window)
+    out = _run(flash_attention, q, k, v, do, **kw)
+    ref = _run(attention_reference, q.double(), k.double(), v.double(), do.double(), **kw)
+    for name, x, r in zip("o dq dk dv".split(), out, ref, strict=True):
+        assert x.dtype == torch.float32 and x.shape == r.shape
+        assert _rel_err(x, r) < 1e-5, f"{name}: {_rel_err(x, r):.2e}"
+
+
+GPU_TILES = sorted({(m, n) for m, n, _, _ in attention._FWD_CONFIGS + attention._DKDV_CONFIGS
+                    + attention._DQ_CONFIGS} - {(64, 64)})
+
+
+@pytest.mark.parametrize("block_m,block_n", GPU_TILES)
+def test_gpu_tile_shapes(block_m, block_n, monkeypatch):
+    # the interpreter otherwise only runs 64x64; the tile-range logic must hold for the CUDA shapes too
+    for kernel in (attention._attn_fwd, attention._attn_bwd_dkdv, attention._attn_bwd_dq):
+        monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n})])
+    for window in (None, 45, 150):
+        q, k, v, do = _inputs(1, 200, 2, 1, 32, torch.float32)
+        kw = dict(scale=_scale("sp", 32), window=window)
+        out = _run(flash_attention, q, k, v, do, **kw)
+        ref = _run(attention_reference, q.double(), k.double(), v.double(), do.double(), **kw)
+        for name, x, r in zip("o dq dk dv".split(), out, ref, strict=True):
+            assert _rel_err(x, r) < 1e-5, f"{name} window={window}: {_rel_err(x, r):.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_interpreter_smoke(dtype):
+    # the interpreter upcasts 16-bit tiles, so this checks the load/store/cast plumbing only
+    _check_low_precision(1, 77, 4, 2, 64, True, 20, "sp", dtype)
+
+
+def test_lse_and_no_nan_when_row_tiles_fully_masked():
+    # window 5 < tile 64: late rows of a query tile see nothing in the tile's first key block
+    q, k, v, _ = _inputs(1, 130, 2, 1, 32, torch.float32)
+    q = q * 30  # peaked softmax: large scores must not overflow either
+    scale = 1 / math.sqrt(32)
+    o, lse = flash_attn_fwd(q, k, v, scale, True, 5)
+    assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+    ref = attention_reference(q.double(), k.double(), v.double(), scale=scale, window=5)
+    assert _rel_err(o, ref) < 1e-5
+    scores = torch.einsum("bthd,bshd->bhts", q.double(), k.double().expand(-1, -1, 2, -1)) * scale
+    scores = scores.masked_fill(~sliding_window_mask(130, 5, q.device), float("-inf"))
+    torch.testing.assert_close(lse.double(), scores.logsumexp(-1) / math.log(2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 0, 3, 300])
+def test_sdpa_mask_matches_reference(window):
+    q, k, v, _ = _inputs(2, 40, 4, 2, 32, torch.float64)
+    mask = sliding_window_mask(40, window, q.device)
+    assert mask.shape == (40, 40) and mask.dtype == torch.bool
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, scale=0.1, enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(out, attention_reference(q, k, v, scale=0.1, window=window))
+
+
+def test_scale_is_a_runtime_argument():
+    # a constexpr scale would compile one kernel per value (muP and SP use different ones)
+    params = inspect.signature(attention._attn_fwd.fn.fn).parameters
+    assert params["qk_scale"].annotation is not tl.constexpr
+    q, k, v, _ = _inputs(1, 64, 2, 1, 32, torch.float32)
+    n_kernels = lambda: sum(len(c[0]) for c in getattr(attention._attn_fwd.fn, "device_caches", {}).values())
+    flash_attention(q, k, v, scale=0.1)
+    before = n_kernels()
+    o = flash_attention(q, k, v, scale=0.2)
+    assert n_kernels() == before
+    assert _rel_err(o, attention_reference(q.double(), k.double(), v.double(), scale=0.2)) < 1e-5
+
+
+def test_torch_compile_fullgraph():
+    q, k, v, do = _inputs(1, 70, 2, 1, 32, torch.float32)
+    f = lambda q, k, v: flash_attention(q, k, v, scale=0.125, window=16)
+    compiled = torch.compile(f, fullgraph=True)
+    for x, r in zip(_run(compiled, q, k, v, do), _run(f, q, k, v, do), strict=True):
+        torch.testing.assert_close(x, r)
+
+
+def test_rejects_bad_shapes():
+    q, k, v, _ = _inputs(1, 8, 2, 1, 48, torch.float32)
+    with pytest.raises(AssertionError, match="head_dim"):
+        flash_attention(q, k, v, scale=0.1)
+    q, k, v, _ = _inputs(1, 8, 3, 2, 32, torch.float32)
+    with pytest.raises(AssertionError, match="divide"):
+        flash_attention(q, k, v, scale=0.1)
+
+
+# Compiling for sm_90 needs no GPU (Triton ships ptxas), so CPU CI still catches code that only the
+# interpreter accepts. Runs in a subprocess: this one imported the kernels in interpreter mode.
+AOT_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels.attention as A
+
+for kernel, configs in [(A._attn_fwd, A._FWD_CONFIGS), (A._attn_bwd_dkdv, A._DKDV_CONFIGS),
+                        (A._attn_bwd_dq, A._DQ_CONFIGS)]:
+    fn, (block_m, block_n, warps, stages) = kernel.fn, configs[0]
+    consts = dict(HEAD_DIM=128, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=True, UPCAST=False, PRECISION="tf32")
+    sig = {}
+    for n in fn.arg_names:  # pointers are the upper-case names; T and H are ints
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n.isupper() and n not in ("T", "H"):
+            sig[n] = "*fp32" if n in ("LSE", "DELTA") else "*bf16"
+        else:
+            sig[n] = "fp32" if n.endswith("scale") else "i32"
+    # what the JIT's specialisation would tell it about aligned pointers and strides
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+               if sig[n].startswith("*") or n.startswith("stride")}
+    options = dict(num_warps=warps, num_stages=stages)
+    src = ASTSource(fn, sig, constexprs=consts, attrs=aligned)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    assert "wgmma" in compiled.asm["ptx"], fn.__name__
+"""
+
+
+def test_kernels_compile_for_hopper():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": path}
+    subprocess.run([sys.executable, "-c", AOT_SM90], env=env, cwd=root, check=True, timeout=300)
+
+
+# -----------------------------------------------------------------------------
+# GPU tier: flash-attn's rule, the kernel's error against an fp32 reference must stay within 2x
+# of PyTorch's own error when it computes the same attention in the low dtype.
+
+
+def _check_low_precision(B, T, H, H_kv, D, causal, window, scale, dtype):
+    q, k, v, do = _inputs(B, T, H, H_kv, D, dtype)
+    kw = dict(scale=_scale(scale, D), causal=causal, window=window)
+    out = _run(flash_attention, q, k, v, do, **kw)
+    ref = _run(attention_reference, q.float(), k.float(), v.float(), do.float(), **kw)
+    low = _run(attention_reference, q, k, v, do, **kw)
+    for name, x, r, lo in zip("o dq dk dv".split(), out, ref, low, strict=True):
+        assert x.dtype == dtype
+        err, torch_err = (x.float() - r).abs().max().item(), (lo.float() - r).abs().max().item()
+        assert err <= 2 * torch_err + 1e-5, f"{name}: kernel {err:.2e} vs torch {torch_err:.2e}"
+
+
+@pytest.mark.slow
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,T,H,H_kv,D,causal,window,scale", CASES + LONG_CASES)
+def test_gpu_low_precision(B, T, H, H_kv, D, causal, window, scale, dtype):
+    _check_low_precision(B, T, H, H_kv, D, causal, window, scale, dtype)

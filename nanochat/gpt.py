@@ -39,7 +39,7 @@ class GPTConfig:
     mup_base_width: int = 0  # 0 = SP; b > 0 = muP with width multiplier n_embd / b
     attn_mult: float = 8.0  # muP attention logit scale is attn_mult / head_dim (8 = sqrt(64))
     output_mult: float = 1.0  # muP logits are multiplied by output_mult / m
-    attn_impl: str = "sdpa"  # sdpa (PyTorch scaled_dot_product_attention)
+    attn_impl: str = "auto"  # auto (Triton on CUDA, else SDPA), triton (kernels/attention.py), sdpa
     head_impl: str = "eager"  # eager (materialised fp32 logits)
 
     def __post_init__(self):
@@ -61,8 +61,8 @@ class GPTConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0 or (value == 0 and name != "softcap"):
                 raise ValueError(f"GPTConfig.{name}={value!r}: must be a finite positive number")
-        if self.attn_impl not in ("sdpa",):
-            raise ValueError(f"GPTConfig.attn_impl={self.attn_impl!r}: choose sdpa")
+        if self.attn_impl not in ("auto", "triton", "sdpa"):
+            raise ValueError(f"GPTConfig.attn_impl={self.attn_impl!r}: choose auto, triton or sdpa")
         if self.head_impl not in ("eager",):
             raise ValueError(f"GPTConfig.head_impl={self.head_impl!r}: choose eager")
 
@@ -107,6 +107,10 @@ def apply_rotary(x, cos, sin):
 
 def attention(q, k, v, scale, window, impl):
     """Causal attention on (B, T, H, D) q and (B, T, H_kv, D) k, v; returns (B, T, H, D)."""
+    if impl == "triton" or (impl == "auto" and q.is_cuda):
+        from kernels.attention import flash_attention  # lazy: Triton is only needed on this path
+
+        return flash_attention(q, k, v, scale=scale, causal=True, window=window)
     T = q.size(1)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     gqa = q.size(1) != k.size(1)

@@ -28,7 +28,6 @@ import triton.language as tl
 # The interpreter's bf16/fp16 tl.dot is wrong; upcast dot operands there (read once, at import,
 # because TRITON_INTERPRET is consumed when the @triton.jit functions below are created).
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_REDUCTIONS = ("mean", "sum", "none")
 
 
 # -----------------------------------------------------------------------------
@@ -183,9 +182,11 @@ def _rows_loss(logits, lse, targets, ignore_index):
     return torch.where(valid, lse - tgt_logit, 0.0)
 
 
-def default_chunk_size(n, d, V):
-    """Rows per chunk: chunk logits about the size of x, at least 4M fp32 (16 MiB), multiple of 16."""
-    rows = max(n * d, 1 << 22) // max(V, 1)
+def default_chunk_size(n, d, V, device_type="cpu"):
+    """Rows per chunk: chunk logits about the size of x, but at least 16 MiB of fp32 on CPU and 256 MiB
+    on GPU (fewer, fuller launches and matmuls there), in multiples of 16 rows."""
+    floor = 1 << 26 if device_type == "cuda" else 1 << 22
+    rows = max(n * d, floor) // max(V, 1)
     return max(16, min(n, rows) // 16 * 16)
 
 
@@ -194,12 +195,14 @@ def _lce_chunks(x, weight, targets, row_scale, logit_mult, softcap, ignore_index
     for the objective sum_i row_scale[i] * loss[i], computed from each chunk's dlogits buffer."""
     chunk_fn = _triton_chunk if use_triton else _torch_chunk
     n, V = x.shape[0], weight.shape[0]
-    rows = chunk_size if chunk_size > 0 else default_chunk_size(n, x.shape[1], V)
+    rows = chunk_size if chunk_size > 0 else default_chunk_size(n, x.shape[1], V, x.device.type)
     buf = torch.empty(min(rows, n), V, device=x.device, dtype=torch.float32)
     loss = torch.empty(n, device=x.device, dtype=torch.float32)
     grads = row_scale is not None
     grad_x = torch.empty_like(x) if grads else None
     grad_w = torch.zeros(weight.shape, device=x.device, dtype=torch.float32) if grads else None
+    fp32 = x.dtype == torch.float32 and weight.dtype == torch.float32
+    w_mm = weight if fp32 else weight.to(x.dtype)
     for s in range(0, n, rows):
         e = min(s + rows, n)
         xc, g = x[s:e], buf[: e - s]
@@ -207,14 +210,14 @@ def _lce_chunks(x, weight, targets, row_scale, logit_mult, softcap, ignore_index
                              logit_mult, softcap, ignore_index)
         if not grads:
             continue
-        if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        if fp32:
             torch.mm(g, weight, out=grad_x[s:e])
             grad_w.addmm_(g.t(), xc)
         else:  # low precision: tensor-core matmuls (fp32 accumulate inside), fp32 sum across chunks
             g = g.to(x.dtype)
-            grad_x[s:e] = g @ weight.to(x.dtype)
-            grad_w += g.t() @ xc.to(g.dtype)
-    return loss, grad_x, grad_w.to(weight.dtype) if grads else None
+            grad_x[s:e] = g @ w_mm
+            grad_w += g.t() @ xc
+    return loss, grad_x, grad_w
 
 
 # -----------------------------------------------------------------------------
@@ -226,19 +229,15 @@ def _lce_op(
     x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, logit_mult: float, softcap: float,
     ignore_index: int, reduction: str, chunk_size: int, use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (loss, grad_x, grad_W) with grads of the reduced loss (empty for reduction='none')."""
-    valid = targets != ignore_index
+    """reduction 'sum': (loss, grad_x, fp32 grad_W), grads computed here. 'none': (losses, empty, empty)."""
     if reduction == "none":
         loss, _, _ = _lce_chunks(x, weight, targets, None, logit_mult, softcap, ignore_index, chunk_size,
                                  use_triton)
         return loss, x.new_empty(0), weight.new_empty(0)
-    # no host sync: the mean's 1/count is folded into the row weights as a tensor
-    row_scale = valid.float()
-    if reduction == "mean":
-        row_scale = row_scale / valid.sum().clamp(min=1)
+    row_scale = (targets != ignore_index).float()
     loss, grad_x, grad_w = _lce_chunks(x, weight, targets, row_scale, logit_mult, softcap, ignore_index,
                                        chunk_size, use_triton)
-    return (loss * row_scale).sum(), grad_x, grad_w
+    return loss.sum(), grad_x, grad_w
 
 
 @_lce_op.register_fake
@@ -246,7 +245,7 @@ def _(x, weight, targets, logit_mult, softcap, ignore_index, reduction, chunk_si
     f32 = dict(device=x.device, dtype=torch.float32)
     if reduction == "none":
         return x.new_empty(x.shape[0], **f32), x.new_empty(0), weight.new_empty(0)
-    return x.new_empty((), **f32), torch.empty_like(x), torch.empty_like(weight)
+    return x.new_empty((), **f32), torch.empty_like(x), torch.empty_like(weight, dtype=torch.float32)
 
 
 @torch.library.custom_op("nanochat_mup::linear_cross_entropy_backward", mutates_args=())
@@ -258,7 +257,7 @@ def _lce_backward_op(
     row_scale = torch.where(targets != ignore_index, grad_loss.float(), 0.0)
     _, grad_x, grad_w = _lce_chunks(x, weight, targets, row_scale, logit_mult, softcap, ignore_index,
                                     chunk_size, use_triton)
-    return grad_x, grad_w
+    return grad_x, grad_w.to(weight.dtype)
 
 
 @_lce_backward_op.register_fake
@@ -269,6 +268,7 @@ def _(x, weight, targets, grad_loss, logit_mult, softcap, ignore_index, chunk_si
 def _setup_context(ctx, inputs, output):
     x, weight, targets, logit_mult, softcap, ignore_index, reduction, chunk_size, use_triton = inputs
     ctx.reduction = reduction
+    ctx.dtypes = (x.dtype, weight.dtype)
     ctx.args = (logit_mult, softcap, ignore_index, chunk_size, use_triton)
     if reduction == "none":
         ctx.save_for_backward(x, weight, targets)
@@ -281,9 +281,10 @@ def _backward(ctx, grad_loss, _grad_x, _grad_w):
     if ctx.reduction == "none":
         x, weight, targets = ctx.saved_tensors
         grad_x, grad_w = _lce_backward_op(x, weight, targets, grad_loss, *ctx.args)
-    else:
-        grad_x, grad_w = ctx.saved_tensors
-        grad_x, grad_w = grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss.to(grad_w.dtype)
+    else:  # sum: a scalar rescale (the mean's 1/count arrives inside grad_loss), in fp32 so that the
+        # scale is not rounded to bf16 first
+        grad_x, grad_w = (g.to(torch.float32, copy=True).mul_(grad_loss).to(dt)
+                          for g, dt in zip(ctx.saved_tensors, ctx.dtypes, strict=True))
     return grad_x, grad_w, None, None, None, None, None, None, None
 
 
@@ -294,34 +295,37 @@ torch.library.register_autograd(_lce_op, _backward, setup_context=_setup_context
 # Public API
 
 
-def _check(x, weight, targets, reduction):
+def _lce(x, weight, targets, logit_mult, softcap, ignore_index, reduction, chunk_size, use_triton):
     assert x.ndim == 2 and weight.ndim == 2 and x.shape[1] == weight.shape[1], (x.shape, weight.shape)
     assert targets.shape == (x.shape[0],) and targets.dtype == torch.int64, (targets.shape, targets.dtype)
-    assert reduction in _REDUCTIONS, reduction
+    assert reduction in ("mean", "sum", "none"), reduction
+    loss = _lce_op(x.contiguous(), weight.contiguous(), targets.contiguous(), float(logit_mult),
+                   float(softcap), ignore_index, "none" if reduction == "none" else "sum", chunk_size,
+                   use_triton)[0]
+    if reduction == "mean":
+        # dividing outside the op keeps the dlogits unscaled in the chunk (no fp16 underflow at large N)
+        # and needs no host sync; all rows ignored gives 0 / 1
+        loss = loss / (targets != ignore_index).sum().clamp(min=1)
+    return loss
 
 
 def fused_linear_cross_entropy(x, weight, targets, *, logit_mult=1.0, softcap=0.0, ignore_index=-1,
                                reduction="mean", chunk_size=0):
     """Triton path. x (N, d), weight (V, d), targets (N,) int64 -> fp32 loss. chunk_size 0: automatic."""
-    _check(x, weight, targets, reduction)
     if not (x.is_cuda or _INTERPRET):
         raise RuntimeError("fused_linear_cross_entropy needs CUDA tensors or TRITON_INTERPRET=1 at import")
-    return _lce_op(x.contiguous(), weight.contiguous(), targets.contiguous(), float(logit_mult),
-                   float(softcap), ignore_index, reduction, chunk_size, True)[0]
+    return _lce(x, weight, targets, logit_mult, softcap, ignore_index, reduction, chunk_size, True)
 
 
 def chunked_linear_cross_entropy(x, weight, targets, *, logit_mult=1.0, softcap=0.0, ignore_index=-1,
                                  reduction="mean", chunk_size=0):
     """Plain PyTorch path with the same chunking (never materialises the (N, V) logits)."""
-    _check(x, weight, targets, reduction)
-    return _lce_op(x, weight, targets, float(logit_mult), float(softcap), ignore_index, reduction,
-                   chunk_size, False)[0]
+    return _lce(x, weight, targets, logit_mult, softcap, ignore_index, reduction, chunk_size, False)
 
 
 def eager_linear_cross_entropy(x, weight, targets, *, logit_mult=1.0, softcap=0.0, ignore_index=-1,
                                reduction="mean", chunk_size=0):
     """Reference: materialises the logits in max(fp32, input dtype). chunk_size is ignored."""
-    _check(x, weight, targets, reduction)
     logits = F.linear(x, weight)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) * logit_mult
     if softcap > 0:

@@ -143,7 +143,7 @@ def main():
 
 
 def write_markdown(a, rows):
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = a.out or os.path.join(root, "dev", f"bench_head_{a.device}.md")
     e_time, e_mem = rows.get("eager", (float("nan"), float("nan")))
     cpu = a.device == "cpu"

@@ -48,7 +48,7 @@ def _logits_lse_kernel(
     n_rows, V, D, stride_x, stride_w, stride_buf, n_splits,
     logit_mult, softcap,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    TILES_PER_PROG: tl.constexpr, UPCAST: tl.constexpr,
+    TILES_PER_PROG: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # One program: BLOCK_M rows x a slice of TILES_PER_PROG vocab tiles. Writes the (capped)
     # logits into the chunk buffer and the slice's partial log-sum-exp, combined on the host.
@@ -74,7 +74,7 @@ def _logits_lse_kernel(
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         z = acc * logit_mult
         if softcap > 0:
             z = _tanh(z / softcap) * softcap
@@ -133,7 +133,9 @@ def _triton_chunk(x, weight, buf, targets, row_scale, logit_mult, softcap, ignor
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), n_splits)
     _logits_lse_kernel[grid](
         x, weight, buf, lse_parts, n, V, d, x.stride(0), weight.stride(0), buf.stride(0), n_splits,
-        logit_mult, softcap, UPCAST=_INTERPRET, **cfg, **launch)
+        logit_mult, softcap, UPCAST=_INTERPRET,
+        # fp32 inputs get true fp32 products, like torch's default (TF32 off)
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **cfg, **launch)
     lse = torch.logsumexp(lse_parts, dim=1)
     loss = _rows_loss(buf, lse, targets, ignore_index)
     if row_scale is not None:

@@ -69,7 +69,8 @@ def _logits_lse_kernel(
             k_mask = ks < D
             a = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :],
                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(w_ptr + cols[None, :] * stride_w + ks[:, None],
+            # int64 offsets: V * d (and chunk * V) can pass 2^31
+            b = tl.load(w_ptr + cols[None, :].to(tl.int64) * stride_w + ks[:, None],
                         mask=col_mask[None, :] & k_mask[:, None], other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
@@ -78,7 +79,7 @@ def _logits_lse_kernel(
         z = acc * logit_mult
         if softcap > 0:
             z = _tanh(z / softcap) * softcap
-        tl.store(buf_ptr + rows[:, None] * stride_buf + cols[None, :], z,
+        tl.store(buf_ptr + rows[:, None].to(tl.int64) * stride_buf + cols[None, :], z,
                  mask=row_mask[:, None] & col_mask[None, :])
         # the first tile of a slice always has a valid column, so m_new is finite from then on
         z = tl.where(col_mask[None, :], z, float("-inf"))
@@ -101,7 +102,7 @@ def _dlogits_kernel(
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < n_rows
     mask = row_mask[:, None] & (cols[None, :] < V)
-    ptrs = buf_ptr + rows[:, None] * stride_buf + cols[None, :]
+    ptrs = buf_ptr + rows[:, None].to(tl.int64) * stride_buf + cols[None, :]
     c = tl.load(ptrs, mask=mask, other=0.0)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1)
@@ -301,6 +302,7 @@ def _lce(x, weight, targets, logit_mult, softcap, ignore_index, reduction, chunk
     assert x.ndim == 2 and weight.ndim == 2 and x.shape[1] == weight.shape[1], (x.shape, weight.shape)
     assert targets.shape == (x.shape[0],) and targets.dtype == torch.int64, (targets.shape, targets.dtype)
     assert reduction in ("mean", "sum", "none"), reduction
+    weight = weight.to(x.dtype)  # like autocast: matmuls in x's dtype (the kernel needs one dtype)
     loss = _lce_op(x.contiguous(), weight.contiguous(), targets.contiguous(), float(logit_mult),
                    float(softcap), ignore_index, "none" if reduction == "none" else "sum", chunk_size,
                    use_triton)[0]

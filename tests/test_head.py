@@ -106,6 +106,18 @@ def test_low_precision_within_2x_torch_error(impl, dtype):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_mixed_dtypes_like_autocast(impl):
+    # bf16 activations with an fp32 weight: matmuls in bf16, each grad in its input's dtype
+    x, w, t = make_inputs()
+    x = x.bfloat16().requires_grad_()
+    w = w.float().requires_grad_()
+    IMPLS[impl](x, w, t, chunk_size=32).backward()
+    assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    ref = run(eager_linear_cross_entropy, x, w, t, torch.tensor(1.0), torch.float64)
+    assert rel_err(w.grad, ref[2]) < 2e-2
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_backward_twice_with_retain_graph(impl):
     # the precomputed grads are saved tensors: backward must rescale copies, never them in place
     x, w, t = make_inputs()

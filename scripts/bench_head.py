@@ -2,9 +2,10 @@
 Time and peak memory of the output head (lm_head matmul + logit multiplier + softcap + cross-entropy),
 forward + backward, for each implementation. Writes dev/bench_head_<device>.md.
 
-CPU: each case runs in a fresh subprocess; peak memory is its RSS high-water mark minus that of a
-baseline subprocess that only allocates the inputs. CUDA: torch.cuda.max_memory_allocated above the
-inputs, all in one process.
+Time: all cases in one process, interleaved round by round (a shared machine's load then hits all
+alike). Peak memory on CPU: each case runs one forward+backward in a fresh subprocess; its RSS high-water
+mark minus that of a subprocess that only allocates the inputs. CUDA: torch.cuda.max_memory_allocated
+above the inputs during one forward+backward after a warmup.
 
     python scripts/bench_head.py                       # CPU fp32 N=8192 d=512 V=32768
     python scripts/bench_head.py --device cuda         # bf16 N=16384 d=1024 V=65536
@@ -79,40 +80,63 @@ def sync(a):
         torch.cuda.synchronize()
 
 
-def worker(a):
+def make_inputs(a):
     torch.manual_seed(0)
     dtype = getattr(torch, a.dtype)
     x = torch.randn(a.N, a.d, device=a.device, dtype=dtype, requires_grad=True)
     w = (torch.randn(a.V, a.d, device=a.device, dtype=dtype) / a.d**0.5).requires_grad_()
     t = torch.randint(0, a.V, (a.N,), device=a.device)
-    res = {}
-    if a.worker != "inputs":
-        if a.device == "cuda":
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        step = make_step(a.worker, a)
-        times = []
-        for i in range(a.warmup + a.iters):
-            x.grad = w.grad = None
-            sync(a)
-            t0 = time.perf_counter()
-            step(x, w, t).backward()
-            sync(a)
+    return x, w, t
+
+
+def fwd_bwd(step, x, w, t, a):
+    x.grad = w.grad = None
+    sync(a)
+    t0 = time.perf_counter()
+    step(x, w, t).backward()
+    sync(a)
+    return time.perf_counter() - t0
+
+
+def time_cases(a):
+    """Median fwd+bwd time per case, with the cases interleaved round by round so that load changes on a
+    shared machine hit all of them alike."""
+    x, w, t = make_inputs(a)
+    steps = {case: make_step(case, a) for case in a.cases}
+    times = {case: [] for case in a.cases}
+    for i in range(a.warmup + a.iters):
+        for case, step in steps.items():
+            dt = fwd_bwd(step, x, w, t, a)
             if i >= a.warmup:
-                times.append(time.perf_counter() - t0)
-        res["time_ms"] = 1e3 * statistics.median(times)
-        if a.device == "cuda":
-            res["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    res["maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # linux: KiB
-    print(json.dumps(res))
+                times[case].append(dt)
+    return {case: 1e3 * statistics.median(ts) for case, ts in times.items()}
 
 
-def run_case(case, a):
+def peak_mib_cuda(case, a):
+    x, w, t = make_inputs(a)
+    step = make_step(case, a)
+    fwd_bwd(step, x, w, t, a)  # warmup / compile
+    x.grad = w.grad = None
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fwd_bwd(step, x, w, t, a)
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def worker(a):
+    """Fresh process: inputs, then (unless case 'inputs') one fwd+bwd; prints the RSS high-water mark."""
+    x, w, t = make_inputs(a)
+    if a.worker != "inputs":
+        fwd_bwd(make_step(a.worker, a), x, w, t, a)
+    print(json.dumps({"maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10}))  # KiB
+
+
+def peak_mib_cpu(case, a):
     argv = [sys.executable, os.path.abspath(__file__), "--worker", case]
-    for k in ("device", "dtype", "N", "d", "V", "logit_mult", "softcap", "chunk_size", "warmup", "iters"):
+    for k in ("device", "dtype", "N", "d", "V", "logit_mult", "softcap", "chunk_size"):
         argv += ["--" + k.replace("_", "-"), str(getattr(a, k))]
     out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return json.loads(out.strip().splitlines()[-1])["maxrss_mib"]
 
 
 def device_name(a):
@@ -127,18 +151,16 @@ def main():
     a = parse_args()
     if a.worker:
         return worker(a)
-    rows = {}
     if a.device == "cpu":  # each case in a fresh process so RSS high-water marks don't mix
-        base = run_case("inputs", a)["maxrss_mib"]
-        for case in a.cases:
-            r = run_case(case, a)
-            rows[case] = (r["time_ms"], r["maxrss_mib"] - base)
-            print(f"{case:24s} {r['time_ms']:9.1f} ms {rows[case][1]:9.1f} MiB", flush=True)
+        base = peak_mib_cpu("inputs", a)
+        mem = {case: peak_mib_cpu(case, a) - base for case in a.cases}
     else:
-        for case in a.cases:
-            r = run_case(case, a)
-            rows[case] = (r["time_ms"], r["peak_mib"])
-            print(f"{case:24s} {r['time_ms']:9.1f} ms {r['peak_mib']:9.1f} MiB", flush=True)
+        mem = {case: peak_mib_cuda(case, a) for case in a.cases}
+    print("peak MiB:", {case: round(m, 1) for case, m in mem.items()}, flush=True)
+    times = time_cases(a)
+    rows = {case: (times[case], mem[case]) for case in a.cases}
+    for case, (ms, mib) in rows.items():
+        print(f"{case:24s} {ms:9.1f} ms {mib:9.1f} MiB")
     write_markdown(a, rows)
 
 
@@ -155,7 +177,8 @@ def write_markdown(a, rows):
         f"- device: {device_name(a)}",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- shape: N={a.N} d={a.d} V={a.V} {a.dtype}, logit_mult={a.logit_mult} softcap={a.softcap}, "
-        f"chunk_size={a.chunk_size or 'auto'}; forward+backward, median of {a.iters} after {a.warmup} warmup",
+        f"chunk_size={a.chunk_size or 'auto'}; forward+backward, median of {a.iters} after {a.warmup} "
+        "warmup, cases interleaved round by round in one process",
         f"- peak memory: {mem_kind}; F.linear_cross_entropy has no softcap (runs with softcap 0)",
         "",
         "| case | time (ms) | peak mem (MiB) | time / eager | mem / eager |",

@@ -40,7 +40,7 @@ class GPTConfig:
     attn_mult: float = 8.0  # muP attention logit scale is attn_mult / head_dim (8 = sqrt(64))
     output_mult: float = 1.0  # muP logits are multiplied by output_mult / m
     attn_impl: str = "auto"  # auto (Triton on CUDA, else SDPA), triton (kernels/attention.py), sdpa
-    head_impl: str = "eager"  # eager (materialised fp32 logits)
+    head_impl: str = "auto"  # auto (Triton on CUDA, else chunked), triton, chunked (kernels/head.py), eager
 
     def __post_init__(self):
         for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
@@ -63,8 +63,8 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name}={value!r}: must be a finite positive number")
         if self.attn_impl not in ("auto", "triton", "sdpa"):
             raise ValueError(f"GPTConfig.attn_impl={self.attn_impl!r}: choose auto, triton or sdpa")
-        if self.head_impl not in ("eager",):
-            raise ValueError(f"GPTConfig.head_impl={self.head_impl!r}: choose eager")
+        if self.head_impl not in ("auto", "triton", "chunked", "eager"):
+            raise ValueError(f"GPTConfig.head_impl={self.head_impl!r}: choose auto, triton, chunked or eager")
 
     @property
     def head_dim(self):
@@ -364,6 +364,9 @@ class GPT(nn.Module):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             x = block(x, cos, sin, self.windows[i])
         x = norm(x)
+        hooked = self.lm_head._forward_hooks or self.lm_head._forward_pre_hooks  # coord checks must see lm_head
+        if targets is not None and cfg.head_impl != "eager" and not hooked:
+            return self._fused_loss(x, targets, reduction)
         logits = self.lm_head(x).float()  # hooks on lm_head see the raw, unscaled logits
         logits = logits * cfg.logit_mult
         if cfg.softcap > 0:
@@ -372,6 +375,20 @@ class GPT(nn.Module):
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                reduction=reduction)
+        return loss.view(B, T) if reduction == "none" else loss
+
+    def _fused_loss(self, x, targets, reduction):
+        """lm_head + logit multiplier + softcap + cross-entropy without materialising the (tokens, vocab) logits."""
+        from kernels.head import chunked_linear_cross_entropy, fused_linear_cross_entropy
+
+        cfg = self.config
+        triton = cfg.head_impl == "triton" or (cfg.head_impl == "auto" and x.is_cuda)
+        fn = fused_linear_cross_entropy if triton else chunked_linear_cross_entropy
+        if torch.is_autocast_enabled(x.device.type):  # the head matmul runs in the autocast dtype, as lm_head would
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        B, T, C = x.shape
+        loss = fn(x.reshape(B * T, C), self.lm_head.weight, targets.reshape(-1), logit_mult=cfg.logit_mult,
+                  softcap=cfg.softcap, ignore_index=-1, reduction=reduction)
         return loss.view(B, T) if reduction == "none" else loss
 
     # -------------------------------------------------------------------------------------------------

@@ -43,6 +43,8 @@ parser.add("--sequence-len", type=int, default=256, help="context length")
 parser.add("--window-pattern", default="L", help="per-layer L (full) / S (half context) pattern, tiled")
 parser.add("--softcap", type=float, default=15.0, help="tanh logit softcap (0 = off)")
 parser.add("--attn-impl", default="auto", choices=["auto", "triton", "sdpa"], help="auto: Triton on CUDA, else SDPA")
+parser.add("--head-impl", default="auto", choices=["auto", "triton", "chunked", "eager"],
+           help="lm_head + cross-entropy: auto = fused Triton on CUDA, chunked PyTorch elsewhere")
 # muP
 parser.add("--mup-base-width", type=int, default=0, help="muP base width (0 = standard parametrization)")
 parser.add("--attn-mult", type=float, default=8.0, help="muP attention logit scale is attn_mult / head_dim")
@@ -101,8 +103,9 @@ if device_type not in ("cuda", "mps", "cpu"):
     parser.error(f"--device={args.device}: choose auto, cuda, mps or cpu")
 if device_type == "cuda" and not torch.cuda.is_available():
     parser.error("--device=cuda but no CUDA GPU is visible: use --device cpu")
-if args.attn_impl == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-    parser.error(f"--attn-impl=triton needs a CUDA GPU (device is {device_type}): use --attn-impl auto")
+for opt in ("attn_impl", "head_impl"):
+    if getattr(args, opt) == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error(f"--{opt.replace('_', '-')}=triton needs a CUDA GPU (device is {device_type}): use auto")
 device = torch.device(f"cuda:{local_rank}" if device_type == "cuda" else device_type)
 if device_type == "cuda":
     torch.cuda.set_device(device)
@@ -155,7 +158,8 @@ try:
     config = GPTConfig(sequence_len=T, vocab_size=tokenizer.get_vocab_size(), n_layer=args.depth, n_head=n_head,
                        n_kv_head=args.n_kv_head or n_head, n_embd=n_embd, window_pattern=args.window_pattern,
                        softcap=args.softcap, mup_base_width=args.mup_base_width, attn_mult=args.attn_mult,
-                       output_mult=args.output_mult, attn_impl=args.attn_impl)
+                       output_mult=args.output_mult, attn_impl=args.attn_impl,
+                       head_impl=args.head_impl)
 except ValueError as e:
     parser.error(str(e))
 model = build_model(config, device)

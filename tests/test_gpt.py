@@ -303,3 +303,29 @@ def test_triton_and_sdpa_attention_give_the_same_model():
     tri(x, y).backward()
     for (n, a), (_, b) in zip(ref.named_parameters(), tri.named_parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_heads_match_eager_and_hooks_still_fire(reduction):
+    kw = dict(n_embd=64, n_head=2, mup_base_width=16, softcap=15.0)
+    models = {impl: build(head_impl=impl, **kw) for impl in ("eager", "chunked", "triton")}
+    for m in models.values():
+        m.load_state_dict(models["eager"].state_dict())
+        torch.nn.init.normal_(m.lm_head.weight, std=0.5, generator=torch.Generator().manual_seed(0))
+    x, y = batch(T=15)
+    y[0, :5] = -1
+    losses = {impl: m(x, y, reduction=reduction) for impl, m in models.items()}
+    for impl in ("chunked", "triton"):
+        torch.testing.assert_close(losses[impl], losses["eager"], rtol=1e-5, atol=1e-6)
+        g = torch.randn_like(losses[impl])
+        losses[impl].backward(g)
+        models[impl].lm_head.weight.grad, eager_grad = None, models[impl].lm_head.weight.grad
+        losses["eager"].backward(g, retain_graph=True)
+        torch.testing.assert_close(eager_grad, models["eager"].lm_head.weight.grad, rtol=1e-5, atol=1e-7)
+        models["eager"].zero_grad(set_to_none=True)
+    # a forward hook on lm_head (coord checks) sees the raw logits even when targets are given
+    seen = []
+    model = models["chunked"].eval()
+    model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    torch.testing.assert_close(model(x, y, reduction=reduction), losses["eager"].detach(), rtol=1e-5, atol=1e-6)
+    assert seen == [(2, 15, 97)]

@@ -38,7 +38,7 @@ def train(corpus, out, *extra, nproc=1, check=True):
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", cmd[1]]
     cmd += TINY + ["--data-dir", corpus["data"], "--tokenizer-dir", corpus["tok"], "--out-dir", str(out), *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=ROOT)  # this checkout's nanochat
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     if check:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -69,7 +69,8 @@ def test_train_smoke_loss_decreases_and_files_written(corpus, tmp_path):
     assert os.path.exists(out / "checkpoints" / "step_000030" / "meta.json")
     assert "sample:" in r.stdout
     s = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sample.py"), "--run", str(out), "--prompt",
-                        "the king", "--max-tokens", "8"], capture_output=True, text=True, timeout=120)
+                        "the king", "--max-tokens", "8"], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
     assert s.returncode == 0 and s.stdout.count("the king") == 1, s.stderr
 
 

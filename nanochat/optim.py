@@ -127,7 +127,8 @@ class DistMuonAdamW(MuonAdamW):
         params = group["params"]
         if group["kind"] == "muon":
             return list(x[:len(params)].unbind(0))
-        return [t.view_as(p) for t, p in zip(x.split([p.numel() for p in params]), params)]
+        sizes = [p.numel() for p in params]
+        return [t.view_as(p) for t, p in zip(x[:sum(sizes)].split(sizes), params)]
 
     @torch.no_grad()
     def step(self):

@@ -355,6 +355,7 @@ for step in bar:
         dist.all_reduce(health, op=dist.ReduceOp.AVG)
     train_loss, grad_sq = health.tolist()
     if not math.isfinite(train_loss + grad_sq):
+        bar.close()  # the message gets a line of its own
         if master:
             print(f"step {step + 1}: non-finite loss {train_loss} or gradient norm^2 {grad_sq}: stopping before the "
                   f"update; last good checkpoint: step {(complete_steps(out_dir) or [None])[-1]}", file=sys.stderr)

@@ -1,0 +1,22 @@
+"""Shared fixtures: a generated corpus and tokenizer, made once per test session."""
+
+import random
+
+import pytest
+
+from nanochat.dataset import write_shards
+from nanochat.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """Shards of generated sentences and a small BPE trained on them."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    words = "the king queen lord speaks sleeps of my our and to a sword crown night day fair".split()
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 80))) + "." for _ in range(400)]
+    data = root / "data"
+    write_shards(docs, str(data), chars_per_shard=20_000)
+    tok = Tokenizer.train_from_iterator(iter(docs), 300)
+    tok.save(str(root / "tok"))
+    return dict(data=str(data), tok=str(root / "tok"))

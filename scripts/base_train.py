@@ -349,15 +349,15 @@ for step in bar:
         for w in works:
             w.wait()
     # non-finite guard, decided jointly: any rank's nan/inf loss or local gradient makes the average non-finite
-    grad_sq = torch.stack(torch._foreach_norm([p.grad for p in model.parameters()])).square().sum()
-    health = torch.stack([loss_sum / grad_accum, grad_sq])
+    grad_norms = torch.stack(torch._foreach_norm([p.grad for p in model.parameters()])).sum()  # no squares: no overflow
+    health = torch.stack([loss_sum / grad_accum, grad_norms])
     if ddp:
         dist.all_reduce(health, op=dist.ReduceOp.AVG)
-    train_loss, grad_sq = health.tolist()
-    if not math.isfinite(train_loss + grad_sq):
+    train_loss, grad_norms = health.tolist()
+    if not math.isfinite(train_loss + grad_norms):
         bar.close()  # the message gets a line of its own
         if master:
-            print(f"step {step + 1}: non-finite loss {train_loss} or gradient norm^2 {grad_sq}: stopping before the "
+            print(f"step {step + 1}: non-finite loss {train_loss} or gradient norms {grad_norms}: stopping before the "
                   f"update; last good checkpoint: step {(complete_steps(out_dir) or [None])[-1]}", file=sys.stderr)
         if ddp:
             dist.destroy_process_group()

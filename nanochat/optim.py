@@ -132,6 +132,7 @@ class DistMuonAdamW(MuonAdamW):
 
     @torch.no_grad()
     def step(self):
+        # a group runs only when all its params have gradients; every rank runs the same model, so all agree
         groups = [g for g in self.param_groups if all(p.grad is not None for p in g["params"])]
         reduced = []
         for group in groups:
@@ -142,6 +143,7 @@ class DistMuonAdamW(MuonAdamW):
         for group, (grad, work) in zip(groups, reduced):
             work.wait()
             k = grad.size(0)
+            # stacking all params to slice ours costs one transient copy, the size of the gradient stack above
             mine = self._stack(group, group["params"])[self.rank * k:(self.rank + 1) * k]
             state = self.state[group["params"][0]]  # the group's shard state, kept with its first param
             if group["kind"] == "muon":

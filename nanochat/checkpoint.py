@@ -1,8 +1,10 @@
 """
-Checkpoints: one folder per step, `<run>/checkpoints/step_000123/`, holding model.pt, optim.pt,
-loader_rank<r>.pt (each rank's data-loader state), rng_rank<r>.pt and meta.json. Every file is written
-atomically (temp file, fsync, rename) and meta.json is written last, by rank 0, after all ranks have
-written theirs: a folder without meta.json is incomplete and never picked for resume.
+Checkpoints: one folder per step, `<run>/checkpoints/step_000123/`, holding model.pt, the optimizer state
+(optim.pt, or optim_rank<r>.pt per rank when the optimizer is sharded), loader_rank<r>.pt (the states of
+that rank's data streams), rng_rank<r>.pt and meta.json. Every file is written atomically (temp file,
+fsync, rename) and meta.json is written last, by rank 0, after all ranks have written theirs: a folder
+without meta.json (a crash mid-save) is incomplete and never picked for resume; stray .tmp files are
+ignored and the previous complete checkpoint stays intact.
 """
 
 import io
@@ -36,17 +38,26 @@ def _save(obj, path):
     atomic_write_bytes(path, buf.getvalue())
 
 
-def save_rank_files(run_dir, step, rank, loader_state, rng_state):
+def optim_file(rank, sharded):
+    return f"optim_rank{rank}.pt" if sharded else "optim.pt"
+
+
+def save_rank_files(run_dir, step, rank, loader_state, rng_state, optim_state=None):
+    """Every rank: its loader and RNG states and, when the optimizer is sharded, its optimizer shard."""
     d = ckpt_dir(run_dir, step)
     _save(loader_state, os.path.join(d, f"loader_rank{rank}.pt"))
     _save(rng_state, os.path.join(d, f"rng_rank{rank}.pt"))
+    if optim_state is not None:
+        _save(optim_state, os.path.join(d, optim_file(rank, sharded=True)))
 
 
-def save_main_files(run_dir, step, model, optimizer, meta, keep=2):
-    """Rank 0, after every rank's files are on disk: weights, optimizer, then meta.json (the commit mark)."""
+def save_main_files(run_dir, step, model, optim_state, meta, keep=2):
+    """Rank 0, after every rank's files are on disk: weights, the replicated optimizer state (None when
+    sharded), then meta.json (the commit mark)."""
     d = ckpt_dir(run_dir, step)
     _save(model.state_dict(), os.path.join(d, "model.pt"))
-    _save(optimizer.state_dict(), os.path.join(d, "optim.pt"))
+    if optim_state is not None:
+        _save(optim_state, os.path.join(d, optim_file(0, sharded=False)))
     atomic_write_text(os.path.join(d, "meta.json"), json.dumps(dict(meta, step=step), indent=2))
     for old in complete_steps(run_dir)[:-keep]:
         shutil.rmtree(ckpt_dir(run_dir, old), ignore_errors=True)
@@ -68,8 +79,13 @@ def load_meta(run_dir, step=None):
     step = steps[-1] if step is None else step
     if step not in steps:
         raise FileNotFoundError(f"no complete checkpoint for step {step} in {run_dir}: have {steps}")
-    with open(os.path.join(ckpt_dir(run_dir, step), "meta.json")) as f:
-        return json.load(f)
+    path = os.path.join(ckpt_dir(run_dir, step), "meta.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError:
+        raise ValueError(f"checkpoint file {path} is corrupt: delete that checkpoint folder to resume from the "
+                         "previous one") from None
 
 
 def load_file(run_dir, step, name, device="cpu"):

@@ -12,6 +12,7 @@ matches the muP spectral condition (Yang, Simon & Bernstein 2023) and the LR is 
 """
 
 import torch
+import torch.distributed as dist
 from torch.optim.adamw import adamw
 
 # Polar Express: per-iteration coefficients (a, b, c) of X <- a X + b (X X^T) X + c (X X^T)^2 X,
@@ -40,6 +41,12 @@ def orthogonalize(G):
     if tall:
         X = X.mT
     return X.to(G.dtype)
+
+
+def muon_direction(grads, buf, momentum):
+    """Nesterov momentum on a (n, rows, cols) stack, orthogonalised. Updates `buf`, overwrites `grads`."""
+    buf.lerp_(grads, 1 - momentum)
+    return orthogonalize(grads.lerp_(buf, momentum))  # g + mu * (buf - g)
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -84,11 +91,83 @@ class MuonAdamW(torch.optim.Optimizer):
         state = self.state[params[0]]  # one stacked momentum buffer per group, kept with its first param
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(grads)
-        buf = state["momentum_buffer"]
-        mu = group["momentum"]
-        buf.lerp_(grads, 1 - mu)
-        update = orthogonalize(grads.lerp_(buf, mu))  # Nesterov: g + mu * (buf - g)
+        update = muon_direction(grads, state["momentum_buffer"], group["momentum"])
         lr = group["lr"]
         for p, u in zip(params, update):
             p.mul_(1 - lr * group["weight_decay"])  # decoupled decay; LR is width-constant so lr*wd is too
             p.add_(u, alpha=-lr * group["update_scale"])
+
+
+class DistMuonAdamW(MuonAdamW):
+    """MuonAdamW sharded ZeRO-2 style over torch.distributed (world size > 1; gloo or nccl). Each rank passes
+    its local gradients; they are reduce-scattered (averaged, as DDP would), each rank updates only its shard
+    and keeps optimizer state only for it, and the updated shards are all-gathered into every rank's params.
+
+    Shards: a Muon group's n same-shape matrices are stacked to (n, rows, cols) and zero-padded to a multiple
+    of the world size, so rank r owns k = n_pad / world whole matrices [r*k, (r+1)*k) and orthogonalises only
+    those. An AdamW group's params are flattened into one vector, zero-padded the same way, and rank r owns
+    one contiguous slice (AdamW is elementwise, so where the cut falls does not matter). Padding is inert:
+    zero gradient, zero momentum, orthogonalize(0) = 0, and it is never copied back.
+
+    Overlap: every group's reduce-scatter is launched before any compute, so the communication of later
+    groups runs during the updates of earlier ones; each group's all-gather is launched as soon as its update
+    is done and all are waited for at the end. (Work.wait(), not futures: gloo has no Work.get_future.)"""
+
+    def __init__(self, param_groups, rank, world_size):
+        super().__init__(param_groups)
+        self.rank, self.world_size = rank, world_size
+
+    def _stack(self, group, tensors):
+        # (n_pad, rows, cols) for muon, (numel_pad,) for adamw
+        x = torch.stack(tensors) if group["kind"] == "muon" else torch.cat([t.reshape(-1) for t in tensors])
+        pad = -x.size(0) % self.world_size
+        return torch.cat([x, x.new_zeros(pad, *x.shape[1:])]) if pad else x
+
+    def _unstack(self, group, x):
+        params = group["params"]
+        if group["kind"] == "muon":
+            return list(x[:len(params)].unbind(0))
+        sizes = [p.numel() for p in params]
+        return [t.view_as(p) for t, p in zip(x[:sum(sizes)].split(sizes), params)]
+
+    @torch.no_grad()
+    def step(self):
+        # a group runs only when all its params have gradients; every rank runs the same model, so all agree
+        groups = [g for g in self.param_groups if all(p.grad is not None for p in g["params"])]
+        reduced = []
+        for group in groups:
+            grads = self._stack(group, [p.grad for p in group["params"]])
+            shard = grads.new_empty(grads.size(0) // self.world_size, *grads.shape[1:])
+            reduced.append((shard, dist.reduce_scatter_tensor(shard, grads, op=dist.ReduceOp.AVG, async_op=True)))
+        gathered = []
+        for group, (grad, work) in zip(groups, reduced):
+            work.wait()
+            k = grad.size(0)
+            # stacking all params to slice ours costs one transient copy, the size of the gradient stack above
+            mine = self._stack(group, group["params"])[self.rank * k:(self.rank + 1) * k]
+            state = self.state[group["params"][0]]  # the group's shard state, kept with its first param
+            if group["kind"] == "muon":
+                self._muon_shard(group, state, mine, grad)
+            else:
+                self._adamw_shard(group, state, mine, grad)
+            full = mine.new_empty(k * self.world_size, *mine.shape[1:])
+            gathered.append((group, full, dist.all_gather_single(full, mine, async_op=True)))
+        for group, full, work in gathered:
+            work.wait()
+            torch._foreach_copy_(group["params"], self._unstack(group, full))
+
+    def _muon_shard(self, group, state, p, grad):
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(grad)
+        update = muon_direction(grad, state["momentum_buffer"], group["momentum"])
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(update, alpha=-group["lr"] * group["update_scale"])
+
+    def _adamw_shard(self, group, state, p, grad):
+        if not state:
+            state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p, dtype=torch.float32),
+                         exp_avg_sq=torch.zeros_like(p, dtype=torch.float32))
+        beta1, beta2 = group["betas"]
+        adamw([p], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [state["step"]], amsgrad=False,
+              beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+              maximize=False)

@@ -6,26 +6,43 @@ Pre-train a GPT, in SP or muP, on one CPU, one GPU or many (torchrun).
 
 Every option accepts both spellings (--mup-base-width and --mup_base_width). Writes to --out-dir:
 config.json, metrics.jsonl, checkpoints/step_*/ and loss.png. --resume continues from the latest
-complete checkpoint exactly where it stopped.
+complete checkpoint exactly where it stopped (bit-identical on CPU).
+
+Under torchrun the optimizer is sharded ZeRO-2 style (nanochat.optim.DistMuonAdamW). With --data-streams
+the global batch no longer depends on how it is split into ranks and accumulation steps (see dev/distributed.md).
+
+Exit codes: 0 done; 2 bad input (one line on stderr, checked before anything is written); 3 non-finite loss
+or gradient (the bad step is not applied or saved; the last good checkpoint stays the latest).
 """
 
 import json
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
 
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from nanochat.checkpoint import build_model, complete_steps, load_file, load_meta, save_main_files, save_rank_files
+from nanochat.checkpoint import (
+    build_model,
+    complete_steps,
+    load_file,
+    load_meta,
+    optim_file,
+    save_main_files,
+    save_rank_files,
+)
 from nanochat.common import ArgParser, atomic_write_text, get_base_dir, get_dist_info
 from nanochat.dataloader import DataLoader
-from nanochat.dataset import list_shards
+from nanochat.dataset import list_shards, split_shards
 from nanochat.gpt import GPTConfig
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.optim import DistMuonAdamW
 from nanochat.tokenizer import Tokenizer, get_token_bytes, tokenizer_dir
 
 # -----------------------------------------------------------------------------
@@ -63,6 +80,12 @@ parser.add("--target-tokens", type=int, default=0, help="token budget; sets the 
 parser.add("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear LR warmup")
 parser.add("--warmdown-ratio", type=float, default=0.3, help="fraction of steps of linear LR decay at the end")
 parser.add("--final-lr-frac", type=float, default=0.0, help="LR at the end as a fraction of the base LR")
+# distributed
+parser.add("--optimizer-sharding", default="auto", choices=["auto", "on", "off"],
+           help="ZeRO-2 sharded optimizer (auto: on under torchrun with >1 process; off: all-reduce + replicated step)")
+parser.add("--data-streams", type=int, default=0,
+           help="split each step's batch over this many data streams (0 = one per process); the same value "
+                "gives the same batches for any world size x grad accum split of --total-batch-size")
 # evaluation, sampling, checkpoints, logging
 parser.add("--eval-every", type=int, default=100, help="val bits-per-byte every N steps (0 = only at the end)")
 parser.add("--eval-tokens", type=int, default=65536, help="val tokens per evaluation")
@@ -78,13 +101,15 @@ parser.add("--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps 
 parser.add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA, else fp32")
 parser.add("--compile", default="auto", choices=["auto", "0", "1"], help="torch.compile (auto: on for CUDA only)")
 parser.add("--seed", type=int, default=42)
+parser.add("--debug-inject-nan-step", type=int, default=0,
+           help="TEST HOOK: multiply the loss by NaN at this step (1-based) to exercise the non-finite guard")
 args = parser.parse_args()
 
 for name in ("depth", "aspect_ratio", "head_dim", "sequence_len", "device_batch_size", "eval_tokens"):
     if getattr(args, name) <= 0:
         parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be positive")
 for name in ("num_iterations", "n_embd", "n_head", "n_kv_head", "total_batch_size", "target_tokens", "eval_every",
-             "sample_every", "save_every"):
+             "sample_every", "save_every", "data_streams", "debug_inject_nan_step"):
     if getattr(args, name) < 0:
         parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must not be negative")
 if not 0 <= args.warmup_ratio + args.warmdown_ratio <= 1 or min(args.warmup_ratio, args.warmdown_ratio) < 0:
@@ -109,8 +134,9 @@ for opt in ("attn_impl", "head_impl"):
 device = torch.device(f"cuda:{local_rank}" if device_type == "cuda" else device_type)
 if device_type == "cuda":
     torch.cuda.set_device(device)
-if ddp:
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+sharded = args.optimizer_sharding == "on" or (args.optimizer_sharding == "auto" and world_size > 1)
+if sharded and world_size == 1:
+    parser.error("--optimizer-sharding=on needs more than one process: launch with torchrun --nproc_per_node=N")
 master = rank == 0
 torch.manual_seed(args.seed)
 torch.set_float32_matmul_precision("high")
@@ -146,7 +172,26 @@ grad_accum = total_batch // tokens_per_pass
 num_steps = math.ceil(args.target_tokens / total_batch) if args.target_tokens else args.num_iterations
 if num_steps <= 0:
     parser.error("--num-iterations=0 and no --target-tokens: nothing to train")
-train_loader = DataLoader(tokenizer, data_dir, B, T, "train", rank, world_size, device, seed=args.seed)
+# Data streams: stream s of D reads docs[s::D]; rank r serves streams r*S .. r*S+S-1 (S = D / world) and its
+# micro-step k draws from stream r*S + k % S. Each step then uses every stream grad_accum / S times whatever
+# the split of D into processes, so e.g. 2 ranks x 1 micro-step and 1 process x 2 micro-steps (D=2) see the
+# same global batch and take the same optimizer step, up to float summation order.
+data_streams = args.data_streams or world_size
+if data_streams % world_size or grad_accum % (data_streams // world_size):
+    parser.error(f"--data-streams={data_streams}: must be a multiple of the world size {world_size} and "
+                 f"(data_streams / world size) must divide the {grad_accum} gradient-accumulation steps")
+streams_per_rank = data_streams // world_size
+try:
+    for split, n in (("train", data_streams), ("val", world_size)):
+        rows = [md.row_group(i).num_rows for md in (pq.ParquetFile(p).metadata for p in split_shards(data_dir, split))
+                for i in range(md.num_row_groups)]
+        if max(rows, default=0) < n:  # the loaders stride each row group's docs over n readers
+            parser.error(f"--data-dir={data_dir}: the {split} split has at most {max(rows, default=0)} documents "
+                         f"per row group, fewer than its {n} readers: use fewer streams/processes or more data")
+    train_loaders = [DataLoader(tokenizer, data_dir, B, T, "train", s, data_streams, device, seed=args.seed)
+                     for s in range(rank * streams_per_rank, (rank + 1) * streams_per_rank)]
+except (OSError, ValueError) as e:  # a corrupt or empty shard (pyarrow's ArrowInvalid is a ValueError)
+    parser.error(f"--data-dir={data_dir}: cannot read the shards ({' '.join(str(e).split())})")
 eval_steps = max(1, args.eval_tokens // tokens_per_pass)
 
 # -----------------------------------------------------------------------------
@@ -166,6 +211,8 @@ model = build_model(config, device)
 opt_kwargs = dict(matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,
                   weight_decay=args.weight_decay, scalar_lr=args.scalar_lr, matrix_optimizer=args.matrix_optimizer)
 optimizer = model.setup_optimizer(**opt_kwargs)
+if sharded:  # same groups, ZeRO-2 step: reduce-scatters the raw local gradients itself
+    optimizer = DistMuonAdamW(optimizer.param_groups, rank, world_size)
 if master:
     model.mup_table(print_table=True, **opt_kwargs)
 train_model = torch.compile(model, dynamic=False) if use_compile else model
@@ -186,20 +233,35 @@ def lr_mult(step):
 
 out_dir = os.path.abspath(args.out_dir or os.path.join("runs", args.run or "base"))
 meta = dict(model_config=asdict(config), args=vars(args), world_size=world_size, data_dir=data_dir,
-            tokenizer_dir=os.path.abspath(tok_dir))
+            tokenizer_dir=os.path.abspath(tok_dir), optimizer_sharded=sharded, data_streams=data_streams)
 metrics_path = os.path.join(out_dir, "metrics.jsonl")
 start_step, metrics = 0, []
+
+
+def check_resumable(prev):
+    # the run must be the one the checkpoint continues: same model, same split into ranks and streams
+    for k, v in meta["model_config"].items():
+        if prev["model_config"].get(k) != v:
+            return f"{k}={prev['model_config'].get(k)!r} in the checkpoint but {k}={v!r} in this run"
+    for k in ("world_size", "optimizer_sharded", "data_streams"):
+        if prev.get(k) != meta[k]:
+            return f"the checkpoint has {k}={prev.get(k)!r}, this run {k}={meta[k]!r}: resume with the same setup"
+    return None
+
+
 if args.resume:
     try:
         prev = load_meta(out_dir)
-        if prev["model_config"] != meta["model_config"] or prev["world_size"] != world_size:
-            parser.error(f"--resume: the checkpoint in {out_dir} was made with another model config or world size")
+        if problem := check_resumable(prev):
+            parser.error(f"--resume from {out_dir} step {prev['step']}: {problem}")
         model.load_state_dict(load_file(out_dir, prev["step"], "model.pt", device))
-        optimizer.load_state_dict(load_file(out_dir, prev["step"], "optim.pt", device))
-        train_loader.load_state_dict(load_file(out_dir, prev["step"], f"loader_rank{rank}.pt"))
+        optimizer.load_state_dict(load_file(out_dir, prev["step"], optim_file(rank, sharded), device))
+        for loader, state in zip(train_loaders, load_file(out_dir, prev["step"], f"loader_rank{rank}.pt"), strict=True):
+            loader.load_state_dict(state)
         rng = load_file(out_dir, prev["step"], f"rng_rank{rank}.pt")
-    except (FileNotFoundError, ValueError) as e:
-        parser.error(f"--resume: {e}")
+    except (FileNotFoundError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        # RuntimeError/KeyError/TypeError: a readable file whose contents do not fit (load_state_dict)
+        parser.error(f"--resume: {' '.join(str(e).split())}")
     torch.set_rng_state(rng["cpu"])
     if rng["cuda"] is not None and device_type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"])
@@ -209,6 +271,9 @@ if args.resume:
     log(f"resumed from step {start_step} in {out_dir}" + (" (already complete)" if start_step >= num_steps else ""))
 elif complete_steps(out_dir):
     parser.error(f"--out-dir={out_dir} already holds checkpoints: pass --resume or pick another --out-dir")
+# every input is checked: only now join the other ranks and write anything
+if ddp:
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
 if master:
     os.makedirs(out_dir, exist_ok=True)
     atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(meta, indent=2))
@@ -253,12 +318,13 @@ def sample():
 
 
 def save(step):
-    save_rank_files(out_dir, step, rank, train_loader.state_dict(),
-                    dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if device_type == "cuda" else None))
+    save_rank_files(out_dir, step, rank, [loader.state_dict() for loader in train_loaders],
+                    dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if device_type == "cuda" else None),
+                    optimizer.state_dict() if sharded else None)
     if ddp:
         dist.barrier()  # every rank's files are on disk before rank 0 marks the checkpoint complete
     if master:
-        save_main_files(out_dir, step, model, optimizer, meta)
+        save_main_files(out_dir, step, model, None if sharded else optimizer.state_dict(), meta)
     if ddp:
         dist.barrier()
 
@@ -277,20 +343,34 @@ for step in bar:
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * lr_mult(step)
     loss_sum = torch.zeros((), device=device)
-    for _ in range(grad_accum):
-        x, y = train_loader.next_batch()
+    for k in range(grad_accum):
+        x, y = train_loaders[k % streams_per_rank].next_batch()
         with autocast:
             loss = train_model(x, y)
+        if step + 1 == args.debug_inject_nan_step:
+            loss = loss * float("nan")
         (loss / grad_accum).backward()
         loss_sum += loss.detach()
-    if ddp:  # average gradients across ranks (what DDP does), one async all-reduce per parameter
+    if ddp and not sharded:  # average gradients across ranks (what DDP does), one async all-reduce per parameter
         works = [dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, async_op=True) for p in model.parameters()]
         for w in works:
             w.wait()
-        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    # non-finite guard, decided jointly: any rank's nan/inf loss or local gradient makes the average non-finite
+    grad_norms = torch.stack(torch._foreach_norm([p.grad for p in model.parameters()])).sum()  # no squares: no overflow
+    health = torch.stack([loss_sum / grad_accum, grad_norms])
+    if ddp:
+        dist.all_reduce(health, op=dist.ReduceOp.AVG)
+    train_loss, grad_norms = health.tolist()
+    if not math.isfinite(train_loss + grad_norms):
+        bar.close()  # the message gets a line of its own
+        if master:
+            print(f"step {step + 1}: non-finite loss {train_loss} or gradient norms {grad_norms}: stopping before the "
+                  f"update; last good checkpoint: step {(complete_steps(out_dir) or [None])[-1]}", file=sys.stderr)
+        if ddp:
+            dist.destroy_process_group()
+        sys.exit(3)
     optimizer.step()
     model.zero_grad(set_to_none=True)
-    train_loss = loss_sum.item() / grad_accum
     dt, t_last = time.time() - t_last, time.time()
     tok_per_s = total_batch / dt
     row = dict(step=step + 1, train_loss=train_loss, lr_mult=lr_mult(step), tok_per_s=tok_per_s, dt=dt)

@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from nanochat.dataset import iter_documents, write_shards
+from nanochat.dataset import iter_documents
 from nanochat.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,26 +18,17 @@ TINY = ["--depth", "1", "--n-embd", "32", "--n-head", "2", "--sequence-len", "32
         "--eval-tokens", "256", "--device", "cpu", "--dtype", "float32"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """Shards of generated sentences and a small BPE trained on them."""
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    words = "the king queen lord speaks sleeps of my our and to a sword crown night day fair".split()
-    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 80))) + "." for _ in range(400)]
-    data = root / "data"
-    write_shards(docs, str(data), chars_per_shard=20_000)
-    tok = Tokenizer.train_from_iterator(iter(docs), 300)
-    tok.save(str(root / "tok"))
-    return dict(data=str(data), tok=str(root / "tok"))
-
-
-def train(corpus, out, *extra, nproc=1, check=True):
+def train_cmd(corpus, out, *extra, nproc=1, env=None):
+    """(command, env) of a tiny base_train run; PYTHONPATH makes it import this checkout's nanochat."""
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "base_train.py")]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", cmd[1]]
     cmd += TINY + ["--data-dir", corpus["data"], "--tokenizer-dir", corpus["tok"], "--out-dir", str(out), *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    return cmd, dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=ROOT, **(env or {}))
+
+
+def train(corpus, out, *extra, nproc=1, check=True, env=None):
+    cmd, env = train_cmd(corpus, out, *extra, nproc=nproc, env=env)
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     if check:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -69,7 +59,8 @@ def test_train_smoke_loss_decreases_and_files_written(corpus, tmp_path):
     assert os.path.exists(out / "checkpoints" / "step_000030" / "meta.json")
     assert "sample:" in r.stdout
     s = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sample.py"), "--run", str(out), "--prompt",
-                        "the king", "--max-tokens", "8"], capture_output=True, text=True, timeout=120)
+                        "the king", "--max-tokens", "8"], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
     assert s.returncode == 0 and s.stdout.count("the king") == 1, s.stderr
 
 

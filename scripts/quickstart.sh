@@ -11,6 +11,6 @@ if [ -f "$OUT/config.json" ] && ls "$OUT"/checkpoints/step_*/meta.json >/dev/nul
     RESUME=(--resume)  # an earlier quickstart: continue it (or just report it, if it finished)
 fi
 python scripts/base_train.py --depth 4 --aspect-ratio 64 --head-dim 64 --mup-base-width 64 \
-    --sequence-len 256 --device-batch-size 16 --num-iterations "${QUICKSTART_STEPS:-300}" \
+    --sequence-len 256 --device-batch-size 16 --num-iterations "${QUICKSTART_STEPS:-250}" \
     --eval-every 100 --eval-tokens 32768 --save-every 100 --out-dir "$OUT" "${RESUME[@]}"
 python scripts/sample.py --run "$OUT" --prompt "ROMEO:" --max-tokens 80

@@ -11,7 +11,7 @@ import json
 import os
 import time
 
-from nanochat.coord_check import fit_slopes, plot_coord_check, run_coord_check, slope_table
+from nanochat.coord_check import deviation, fit_slopes, plot_coord_check, run_coord_check, slope_table
 
 # -----------------------------------------------------------------------------------------------------
 # args (both --some-option and --some_option spellings)
@@ -56,12 +56,13 @@ for setup in args.setups.split(","):
     act = [r for r in mup if r["quantity"].startswith("act/")]
     upd = [r for r in mup if r["quantity"].split("/")[0] in ("dw_rms", "dw_spec", "cond")]
     worst_act = max(abs(r["measured"]) for r in act)
-    worst_upd = max(abs(r["measured"] - r["expected"]) for r in upd)
-    sp_max = max(rows_sp := [abs(r["measured"] - r["expected"]) for r in rows if r["mode"] == "sp" and r["step"] >= 1
-                             and r["measured"] is not None and r["expected"] is not None])
+    worst_upd = max(deviation(r["measured"], r["expected"]) for r in upd)
+    sp_act = [abs(r["measured"]) for r in rows if r["mode"] == "sp" and r["step"] >= 1 and r["measured"] is not None
+              and r["quantity"].startswith("act/")]
+    sp_max = max(sp_act)
     s = dict(setup=setup, widths=args.widths, seeds=args.seeds, steps=args.steps, wall_s=round(time.time() - t0, 1),
              mup_pass=sum(r["check"] == "PASS" for r in mup), mup_checked=len(mup), mup_worst_act_slope=worst_act,
-             mup_worst_update_dev=worst_upd, sp_blows=len(sp_blows), sp_max_dev=sp_max,
+             mup_worst_update_dev=worst_upd, sp_blows=len(sp_blows), sp_max_act_slope=sp_max,
              sp_blows_examples=[f"{r['quantity']}@{r['step']}:{r['measured']:+.2f}" for r in sp_blows[:6]])
     summary[setup] = s
     print(json.dumps(s))

@@ -6,7 +6,8 @@
 # Flags: --shard i/N runs every N-th job (j % N == i), e.g. two CPU processes, or one GPU per shard:
 #   CUDA_VISIBLE_DEVICES=0 bash scripts/sweep_lr.sh --shard 0/2 & CUDA_VISIBLE_DEVICES=1 bash scripts/sweep_lr.sh --shard 1/2
 #   --setup muon|adamw   --steps N   --out FILE
-#   --hp output_mult     sweeps the muP output multiplier (log2 grid OMS) at the default LR instead of the LR
+#   --hp output_mult     sweeps the muP output multiplier (log2 grid OMS, muP only: SP has no such knob) at the
+#                        fixed LR multiplier 2^LR0 instead of the LR
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WIDTHS=${WIDTHS:-"32 64 128 256"}
@@ -17,6 +18,7 @@ SEEDS=${SEEDS:-"0 1"}
 STEPS=${STEPS:-60}
 SETUP=${SETUP:-muon}
 BASE=${BASE:-32}
+LR0=${LR0:-0}
 HP=lr
 OUT=""
 SHARD="0/1"
@@ -46,7 +48,7 @@ for x in $GRID; do
     if (( j % SN == SI )); then
         if [[ "$HP" == "output-mult" ]]; then
             om=$($PY -c "print(2.0 ** ($x))")
-            hpargs=(--lr-log2 0 --output-mult "$om")
+            hpargs=(--lr-log2 "$LR0" --output-mult "$om")
         else
             hpargs=(--lr-log2 "$x")
         fi

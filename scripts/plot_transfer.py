@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from nanochat.transfer import read_rows, transfer_summary  # noqa: E402
+from nanochat.transfer import read_rows, row_key, transfer_summary  # noqa: E402
 
 parser = argparse.ArgumentParser(description="plot a muP transfer sweep")
 
@@ -31,12 +31,16 @@ arg("metric", choices=["train_loss", "val_loss"], default="train_loss")
 arg("hp", choices=["lr_log2", "output_mult"], default="lr_log2")
 arg("steps", type=int, default=0, help="keep only rows with this many steps (0 = all)")
 arg("widths", default="", help="comma list of widths to keep (default all)")
+arg("range", default="", help="LO,HI: keep only x in [LO, HI] (the common grid)")
+arg("setup", default="", help="keep only rows of this setup (muon/adamw)")
 args = parser.parse_args()
 
 # -----------------------------------------------------------------------------------------------------
 # load, summarise
 
-rows = read_rows(args.results)
+rows = list({row_key(r): r for r in reversed(read_rows(args.results))}.values())  # a key twice: keep the first
+if args.setup:
+    rows = [r for r in rows if r["setup"] == args.setup]
 if args.steps:
     rows = [r for r in rows if r["steps"] == args.steps]
 if args.widths:
@@ -46,6 +50,9 @@ if args.hp == "output_mult":
     for r in rows:
         r["om_log2"] = math.log2(r["output_mult"])
 hp = "om_log2" if args.hp == "output_mult" else "lr_log2"
+if args.range:
+    lo, hi = (float(v) for v in args.range.split(","))
+    rows = [r for r in rows if lo <= r[hp] <= hi]
 s = transfer_summary(rows, args.metric, hp)
 label = "log2 output_mult" if args.hp == "output_mult" else "log2 LR multiplier"
 summary = dict(results=args.results, metric=args.metric, hp=hp, n_rows=len(rows),

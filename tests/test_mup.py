@@ -60,7 +60,7 @@ def test_results_jsonl_roundtrip(tmp_path):
 # coordinate check (fast tier)
 
 CC_WIDTHS = [32, 64, 128, 256]
-CC_STEPS = 3
+CC_STEPS = 4  # muP: step 1 moves only the zero-init readout, step 2 also c_proj; all matrices move from step 3
 SP_SIGNALS = ("act/logits", "act/target_logit", "act/emb_rel_change")
 
 
@@ -69,8 +69,8 @@ def coord_rows(setup, widths, steps, seeds, **kw):
     return slope_table(fit_slopes(recs), setup, printer=None)
 
 
-def check_coord_rows(rows, steps, act_tol=0.1, upd_tol=0.15):
-    mup = [r for r in rows if r["mode"] == "mup" and r["step"] >= 2 and r["measured"] is not None]
+def check_coord_rows(rows, min_step=3, act_tol=0.1, upd_tol=0.15):
+    mup = [r for r in rows if r["mode"] == "mup" and r["step"] >= min_step and r["measured"] is not None]
     acts = [r for r in mup if r["quantity"].startswith("act/")]
     assert len(acts) >= 16
     bad = [(r["quantity"], r["step"], round(r["measured"], 3)) for r in acts if abs(r["measured"]) > act_tol]
@@ -89,10 +89,12 @@ def check_coord_rows(rows, steps, act_tol=0.1, upd_tol=0.15):
 
 @pytest.mark.parametrize("setup", ["muon", "adamw"])
 def test_coord_check_mup_flat_sp_not(setup):
-    rows = coord_rows(setup, CC_WIDTHS, CC_STEPS, (0, 1), B=4, T=32)
-    check_coord_rows(rows, CC_STEPS, act_tol=0.15)
+    rows = coord_rows(setup, CC_WIDTHS, CC_STEPS, (0, 1, 2), B=8, T=64)
+    # 0.2 (not the script's 0.1): at widths 32..256 and 3 seeds the early-step target logit and logits are
+    # seed-noisy (worst muP slope 0.15 over seed triples 0-2 and 3-5); SP's deviations here are 0.6-1.8
+    check_coord_rows(rows, act_tol=0.2)
     if setup == "muon":  # spectral condition: ||dW||_2 / ||W||_2 flat across width for every Muon matrix
-        cond = [r for r in rows if r["mode"] == "mup" and r["quantity"].startswith("cond/") and r["step"] >= 2
+        cond = [r for r in rows if r["mode"] == "mup" and r["quantity"].startswith("cond/") and r["step"] >= 3
                 and r["measured"] is not None]
         assert cond and all(abs(r["measured"]) <= 0.15 for r in cond), cond
 
@@ -134,7 +136,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @pytest.mark.parametrize("setup", ["muon", "adamw"])
 def test_coord_check_wide_cuda(setup):
     rows = coord_rows(setup, [128, 256, 512, 1024], 10, (0, 1, 2), B=8, T=64, device="cuda")
-    check_coord_rows(rows, 10, act_tol=0.1)
+    check_coord_rows(rows, act_tol=0.1)
 
 
 @pytest.mark.slow

@@ -1,0 +1,57 @@
+"""
+One short LR-transfer training run on Shakespeare bytes; appends its JSON row to a results JSONL file.
+
+    python -m scripts.mup_transfer --width 256 --mode mup --lr-log2 -1 --seed 0 --steps 80 --setup muon
+
+The LR multiplier 2^lr_log2 scales every LR (see nanochat/transfer.py). Skips the run if a row with the same
+key (setup, mode, width, lr_log2, output_mult, seed, steps, depth, head_dim, B, T, base_width) is present.
+"""
+
+import argparse
+import time
+
+from nanochat.transfer import append_row, read_rows, row_key, train_once
+
+# -----------------------------------------------------------------------------------------------------
+# args (both --some-option and --some_option spellings)
+
+parser = argparse.ArgumentParser(description="one muP/SP LR-transfer run")
+
+
+def arg(name, **kw):
+    parser.add_argument(f"--{name}", f"--{name.replace('-', '_')}", **kw) if "-" in name else \
+        parser.add_argument(f"--{name}", **kw)
+
+
+arg("width", type=int, default=64)
+arg("mode", choices=["sp", "mup"], default="mup")
+arg("lr-log2", type=float, default=0.0, help="log2 of the multiplier on all LRs")
+arg("output-mult", type=float, default=1.0, help="muP output multiplier (the second transferred HP)")
+arg("seed", type=int, default=0)
+arg("steps", type=int, default=80)
+arg("setup", choices=["muon", "adamw"], default="muon", help="matrix optimizer for hidden matrices")
+arg("depth", type=int, default=2)
+arg("head-dim", type=int, default=32)
+arg("batch-size", type=int, default=8)
+arg("seq-len", type=int, default=64)
+arg("base-width", type=int, default=64)
+arg("out", default="dev/transfer_lr.jsonl", help="results JSONL")
+args = parser.parse_args()
+
+# -----------------------------------------------------------------------------------------------------
+# skip if done, else train and append
+
+key = dict(setup=args.setup, mode=args.mode, width=args.width, lr_log2=float(args.lr_log2),
+           output_mult=float(args.output_mult), seed=args.seed, steps=args.steps, depth=args.depth,
+           head_dim=args.head_dim, B=args.batch_size, T=args.seq_len, base_width=args.base_width)
+if row_key(key) in {row_key(r) for r in read_rows(args.out)}:
+    print(f"skip (done): {key}")
+    raise SystemExit(0)
+t0 = time.time()
+row = train_once(width=args.width, mode=args.mode, lr_log2=args.lr_log2, seed=args.seed, steps=args.steps,
+                 setup=args.setup, output_mult=args.output_mult, depth=args.depth, head_dim=args.head_dim,
+                 B=args.batch_size, T=args.seq_len, base_width=args.base_width)
+row["wall_s"] = round(time.time() - t0, 2)
+append_row(args.out, row)
+print(f"{args.setup} {args.mode} w={args.width} lr_log2={args.lr_log2:+g} om={args.output_mult:g} seed={args.seed}: "
+      f"train {row['train_loss']:.4f} val {row['val_loss']:.4f} ({row['wall_s']:.1f}s)")

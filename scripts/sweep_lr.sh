@@ -29,7 +29,7 @@ while [[ $# -gt 0 ]]; do
         --steps) STEPS="$2"; shift 2 ;;
         --out) OUT="$2"; shift 2 ;;
         --hp) HP="${2//_/-}"; shift 2 ;;
-        *) echo "unknown argument $1"; exit 1 ;;
+        *) echo "sweep_lr.sh: unknown argument $1 (see the header of scripts/sweep_lr.sh)" >&2; exit 2 ;;
     esac
 done
 SI=${SHARD%/*}; SN=${SHARD#*/}

@@ -20,7 +20,7 @@ SETUP=${SETUP:-muon}
 BASE=${BASE:-32}
 LR0=${LR0:-0}
 HP=lr
-OUT=""
+OUT=${OUT:-}
 SHARD="0/1"
 while [[ $# -gt 0 ]]; do
     case "$1" in

@@ -203,9 +203,8 @@ class GPT(nn.Module):
                 raise ValueError(f"parameter {name} has no muP role: add it to GPT.param_roles and muP_changes.md")
         return roles
 
-    def init_std(self, name, p):
+    def init_std(self, name, p, role):
         """Init std per parameter. Hidden: 1/sqrt(fan_in) keeps activations O(1) at any width (TP5 Table 8)."""
-        role = self.param_roles()[name]
         if role == "embedding":
             return 1.0  # width-independent: each coordinate O(1)
         if role == "hidden":
@@ -271,7 +270,8 @@ class GPT(nn.Module):
         rows = []
         for name, role in self.param_roles().items():
             p = self.get_parameter(name)
-            row = dict(name=name, role=role, shape=tuple(p.shape), init_std=self.init_std(name, p), fwd_mult=1.0)
+            row = dict(name=name, role=role, shape=tuple(p.shape), init_std=self.init_std(name, p, role),
+                       fwd_mult=1.0)
             if role == "embedding":
                 row.update(adam, lr=embedding_lr * adam_scale, eps=adam_eps, wd=0.0)
             elif role == "scalar":
@@ -337,13 +337,14 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """Initialise in place; works after `GPT(config)` on the meta device and `to_empty(device=...)`."""
+        roles = self.param_roles()
         for name, p in self.named_parameters():
-            std = self.init_std(name, p)
+            std = self.init_std(name, p, roles[name])
             if p.ndim == 1:
                 p.fill_(std)
             elif std == 0.0:
                 p.zero_()
-            elif self.param_roles()[name] == "hidden":
+            elif roles[name] == "hidden":
                 p.uniform_(-(3**0.5) * std, 3**0.5 * std)  # uniform: same std, no outliers (nanochat)
             else:
                 p.normal_(0.0, std)

@@ -6,16 +6,12 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the import of the @triton.jit module
-
-import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-import kernels.attention as attention  # noqa: E402
-from kernels.attention import (  # noqa: E402
+import kernels.attention as attention
+from kernels.attention import (
     attention_reference,
     flash_attention,
     flash_attn_fwd,

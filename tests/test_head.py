@@ -1,17 +1,11 @@
-import os
 
+import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from triton.runtime.jit import JITFunction
 
-# the interpreter flag is read when @triton.jit runs, i.e. when kernels.head is imported
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
-
-from kernels import head  # noqa: E402
-from kernels.head import (  # noqa: E402
+from kernels import head
+from kernels.head import (
     chunked_linear_cross_entropy,
     eager_linear_cross_entropy,
     fused_linear_cross_entropy,

@@ -6,26 +6,27 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from conftest import DEVICE
 
 import nanochat.gpt as gpt_module
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import orthogonalize
 
 
-def build(**kw):
+def build(device="cpu", **kw):
     cfg = dict(sequence_len=32, vocab_size=97, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
     cfg.update(kw)
     with torch.device("meta"):
         model = GPT(GPTConfig(**cfg))
-    model.to_empty(device="cpu")
+    model.to_empty(device=device)
     torch.manual_seed(0)
     model.init_weights()
     return model
 
 
-def batch(B=2, T=16, V=97, seed=0):
+def batch(B=2, T=16, V=97, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g)
+    return torch.randint(0, V, (B, T), generator=g).to(device), torch.randint(0, V, (B, T), generator=g).to(device)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -297,7 +298,8 @@ def test_triton_and_sdpa_attention_give_the_same_model():
         torch.nn.init.normal_(m.lm_head.weight, std=0.02, generator=torch.Generator().manual_seed(0))
         for blk in m.transformer.h:  # non-zero out-projections so attention matters
             torch.nn.init.normal_(blk.attn.c_proj.weight, std=0.05, generator=torch.Generator().manual_seed(1))
-    x, y = batch(T=37)
+    ref, tri = ref.to(DEVICE), tri.to(DEVICE)
+    x, y = batch(T=37, device=DEVICE)
     torch.testing.assert_close(tri(x), ref(x), rtol=1e-4, atol=1e-5)
     ref(x, y).backward()
     tri(x, y).backward()
@@ -312,7 +314,8 @@ def test_fused_heads_match_eager_and_hooks_still_fire(reduction):
     for m in models.values():
         m.load_state_dict(models["eager"].state_dict())
         torch.nn.init.normal_(m.lm_head.weight, std=0.5, generator=torch.Generator().manual_seed(0))
-    x, y = batch(T=15)
+        m.to(DEVICE)
+    x, y = batch(T=15, device=DEVICE)
     y[0, :5] = -1
     losses = {impl: m(x, y, reduction=reduction) for impl, m in models.items()}
     for impl in ("chunked", "triton"):

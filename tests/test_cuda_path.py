@@ -1,8 +1,7 @@
 """The CUDA training path, emulated where there is no GPU: bf16 autocast + attn_impl=triton + head_impl=triton,
 as scripts/base_train.py runs on CUDA, through Triton's interpreter on CPU (the compiled kernels on a GPU).
-Also: dispatch of the implementations, torch.compile of the model, and generation with the KV cache."""
-
-import time
+Also: which implementation `auto` picks, one-line errors for `triton` where it cannot run, torch.compile of the
+model with both kernels. (Generation with the KV cache is tested in test_gpt.py.)"""
 
 import pytest
 import torch

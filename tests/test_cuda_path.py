@@ -124,12 +124,13 @@ def test_compile_fullgraph_with_both_kernels():
     x, y = batch()
     eager, compiled = model("triton", "triton", n_layer=1), model("triton", "triton", n_layer=1)
     fn = torch.compile(compiled, fullgraph=True, dynamic=False)
-    for m, f in ((eager, eager), (compiled, fn)):
+    losses = []
+    for f in (eager, fn):
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
             loss = f(x, y)
         loss.backward()
-        m.loss = loss.item()
-    assert abs(compiled.loss - eager.loss) <= 1e-2 * eager.loss
+        losses.append(loss.item())
+    assert abs(losses[1] - losses[0]) <= 1e-2 * losses[0], losses
     # inductor fuses the bf16 elementwise ops (fewer roundings), so compare within bf16 noise: matrices measured
     # 2e-3..7e-3 apart. The residual scalars are skipped: with one layer their exact gradient is ~0 (the norms
     # make the loss nearly scale-invariant), so their relative difference is pure rounding (measured 3e-2).

@@ -24,6 +24,8 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = math.log2(math.e)
 NO_WINDOW = 1 << 30  # "unlimited": larger than any T, small enough that start + window fits in int32
+HEAD_DIMS = (32, 64, 128)  # every launch config is built for these (tl.arange needs a power of 2)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # -----------------------------------------------------------------------------
 # PyTorch reference
@@ -421,9 +423,34 @@ def _backward_op(ctx, do, _dlse):
 flash_attn_fwd.register_autograd(_backward_op, setup_context=_setup_context)
 
 
+def compute_dtype(q, k, v):
+    """The dtype the kernel runs in: autocast's (a custom op gets no autocast casts, so do what autocast
+    does for SDPA: cast q, k, v to its dtype), else the inputs' common dtype (None if they differ)."""
+    if torch.is_autocast_enabled(q.device.type):
+        return torch.get_autocast_dtype(q.device.type)
+    return q.dtype if q.dtype == k.dtype == v.dtype else None
+
+
+def unsupported(device_type, dtype, head_dim):
+    """Why the Triton kernel cannot run this case (one phrase naming it), or None if it can."""
+    if device_type != "cuda" and not INTERPRET:
+        return f"device {device_type} (the kernels need CUDA, or TRITON_INTERPRET=1 set before import)"
+    if head_dim not in HEAD_DIMS:
+        return f"head_dim={head_dim} (the kernels support {', '.join(map(str, HEAD_DIMS))})"
+    if dtype not in DTYPES:
+        return f"dtype {dtype} (the kernels support float32, bfloat16, float16)"
+    return None
+
+
 def flash_attention(q, k, v, *, scale, causal=True, window=None):
     """q (B, T, H, D), k and v (B, T, H_kv, D) -> (B, T, H, D). `scale` multiplies q.k (runtime
-    value: changing it does not recompile). `window`: past positions visible besides self."""
+    value: changing it does not recompile). `window`: past positions visible besides self.
+    Under autocast q, k, v are cast to the autocast dtype, as for F.scaled_dot_product_attention."""
     _check_args(q, k, v, causal, window)
-    assert q.dtype == k.dtype == v.dtype, f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}"
-    return flash_attn_fwd(q.contiguous(), k.contiguous(), v.contiguous(), float(scale), causal, window)[0]
+    dtype = compute_dtype(q, k, v)
+    if dtype is None:
+        raise ValueError(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}): cast them to one dtype")
+    if why := unsupported(q.device.type, dtype, q.size(3)):
+        raise ValueError(f"Triton attention cannot run {why}: use SDPA (attn_impl='sdpa')")
+    q, k, v = (t.to(dtype).contiguous() for t in (q, k, v))
+    return flash_attn_fwd(q, k, v, float(scale), causal, window)[0]

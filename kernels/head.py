@@ -28,6 +28,7 @@ import triton.language as tl
 # The interpreter's bf16/fp16 tl.dot is wrong; upcast dot operands there (read once, at import,
 # because TRITON_INTERPRET is consumed when the @triton.jit functions below are created).
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # -----------------------------------------------------------------------------
@@ -234,13 +235,14 @@ def _lce_op(
     ignore_index: int, reduction: str, chunk_size: int, use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """reduction 'sum': (loss, grad_x, fp32 grad_W), grads computed here. 'none': (losses, empty, empty)."""
-    if reduction == "none":
-        loss, _, _ = _lce_chunks(x, weight, targets, None, logit_mult, softcap, ignore_index, chunk_size,
-                                 use_triton)
-        return loss, x.new_empty(0), weight.new_empty(0)
-    row_scale = (targets != ignore_index).float()
-    loss, grad_x, grad_w = _lce_chunks(x, weight, targets, row_scale, logit_mult, softcap, ignore_index,
-                                       chunk_size, use_triton)
+    with torch.autocast(x.device.type, enabled=False):  # the inputs' dtypes decide (_lce applied autocast's)
+        if reduction == "none":
+            loss, _, _ = _lce_chunks(x, weight, targets, None, logit_mult, softcap, ignore_index, chunk_size,
+                                     use_triton)
+            return loss, x.new_empty(0), weight.new_empty(0)
+        row_scale = (targets != ignore_index).float()
+        loss, grad_x, grad_w = _lce_chunks(x, weight, targets, row_scale, logit_mult, softcap, ignore_index,
+                                           chunk_size, use_triton)
     return loss.sum(), grad_x, grad_w
 
 
@@ -259,8 +261,9 @@ def _lce_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """reduction='none': recompute the chunks with the per-row output grads as row weights."""
     row_scale = torch.where(targets != ignore_index, grad_loss.float(), 0.0)
-    _, grad_x, grad_w = _lce_chunks(x, weight, targets, row_scale, logit_mult, softcap, ignore_index,
-                                    chunk_size, use_triton)
+    with torch.autocast(x.device.type, enabled=False):
+        _, grad_x, grad_w = _lce_chunks(x, weight, targets, row_scale, logit_mult, softcap, ignore_index,
+                                        chunk_size, use_triton)
     return grad_x, grad_w.to(weight.dtype)
 
 
@@ -303,6 +306,7 @@ def _lce(x, weight, targets, logit_mult, softcap, ignore_index, reduction, chunk
     assert x.ndim == 2 and weight.ndim == 2 and x.shape[1] == weight.shape[1], (x.shape, weight.shape)
     assert targets.shape == (x.shape[0],) and targets.dtype == torch.int64, (targets.shape, targets.dtype)
     assert reduction in ("mean", "sum", "none"), reduction
+    x = x.to(compute_dtype(x))
     weight = weight.to(x.dtype)  # like autocast: matmuls in x's dtype (the kernel needs one dtype)
     loss = _lce_op(x.contiguous(), weight.contiguous(), targets.contiguous(), float(logit_mult),
                    float(softcap), ignore_index, "none" if reduction == "none" else "sum", chunk_size,
@@ -314,11 +318,27 @@ def _lce(x, weight, targets, logit_mult, softcap, ignore_index, reduction, chunk
     return loss
 
 
+def compute_dtype(x):
+    """The dtype of the head's matmuls: autocast's, as F.linear would use (a custom op gets no autocast
+    casts, so the wrappers cast), else x's."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def unsupported(device_type, dtype):
+    """Why the Triton head cannot run this case (one phrase naming it), or None if it can. Any d and V fit:
+    the kernels loop over d and vocab tiles with masks."""
+    if device_type != "cuda" and not _INTERPRET:
+        return f"device {device_type} (the kernels need CUDA, or TRITON_INTERPRET=1 set before import)"
+    if dtype not in DTYPES:
+        return f"dtype {dtype} (the kernels support float32, bfloat16, float16)"
+    return None
+
+
 def fused_linear_cross_entropy(x, weight, targets, *, logit_mult=1.0, softcap=0.0, ignore_index=-1,
                                reduction="mean", chunk_size=0):
     """Triton path. x (N, d), weight (V, d), targets (N,) int64 -> fp32 loss. chunk_size 0: automatic."""
-    if not (x.is_cuda or _INTERPRET):
-        raise RuntimeError("fused_linear_cross_entropy needs CUDA tensors or TRITON_INTERPRET=1 at import")
+    if why := unsupported(x.device.type, compute_dtype(x)):
+        raise ValueError(f"the Triton head cannot run {why}: use chunked_linear_cross_entropy (head_impl='chunked')")
     return _lce(x, weight, targets, logit_mult, softcap, ignore_index, reduction, chunk_size, True)
 
 

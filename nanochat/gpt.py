@@ -100,47 +100,82 @@ def norm(x):
 
 
 def apply_rotary(x, cos, sin):
+    # fp32 tables, result in x's dtype: under autocast q and k stay in the compute dtype like v (an fp32 q, k
+    # next to a bf16 v is what broke the first CUDA forward)
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).to(x.dtype)
 
 
-def attention(q, k, v, scale, window, impl):
-    """Causal attention on (B, T, H, D) q and (B, T, H_kv, D) k, v; returns (B, T, H, D)."""
-    if impl == "triton" or (impl == "auto" and q.is_cuda):
-        from kernels.attention import flash_attention  # lazy: Triton is only needed on this path
+def attention(q, k, v, scale, window, impl, pos=0):
+    """Causal attention of (B, T_q, H, D) q at positions pos.. on (B, T_k, H_kv, D) k, v at positions 0..;
+    returns (B, T_q, H, D). T_q < T_k only when decoding with a KV cache. Dispatch: `auto` takes the Triton
+    kernel on CUDA where it supports the case, SDPA otherwise; `triton` fails in one line where it cannot run."""
+    if pos == 0 and (impl == "triton" or (impl == "auto" and q.is_cuda)):
+        import kernels.attention as flash  # lazy: Triton is only needed on this path
 
-        return flash_attention(q, k, v, scale=scale, causal=True, window=window)
-    T = q.size(1)
+        why = flash.unsupported(q.device.type, flash.compute_dtype(q, k, v), q.size(3))
+        if why is None:
+            return flash.flash_attention(q, k, v, scale=scale, causal=True, window=window)
+        if impl == "triton":
+            raise ValueError(f"attn_impl='triton' cannot run {why}: use attn_impl='sdpa' (--attn-impl sdpa) or auto")
+    # SDPA. Decoding (pos > 0, T_q = 1 per token) always takes it: a one-row query would fill one row of the
+    # kernel's 64-128-row tile, and the cache read dominates anyway.
+    Tq, Tk = q.size(1), k.size(1)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     gqa = q.size(1) != k.size(1)
-    if window is None or window >= T - 1:
+    if Tq == Tk and (window is None or window >= Tk - 1):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
-        i = torch.arange(T, device=q.device)
-        mask = (i[None, :] <= i[:, None]) & (i[None, :] >= i[:, None] - window)
+        i = pos + torch.arange(Tq, device=q.device)[:, None]
+        j = torch.arange(Tk, device=q.device)[None, :]
+        mask = (j <= i) & (j >= i - (Tk if window is None else window))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return y.transpose(1, 2)
 
 
+class KVCache:
+    """Keys and values of every position seen so far, per layer, for generation (nanochat's engine, minus
+    batching): `pos` tokens are stored; GPT.forward appends its input's and advances `pos`."""
+
+    def __init__(self, n_layer, max_len):
+        self.max_len, self.pos = max_len, 0
+        self.k, self.v = [None] * n_layer, [None] * n_layer
+
+    def update(self, layer, k, v):
+        """Store (B, T, H_kv, D) k, v at positions pos..pos+T-1 of `layer`; return the keys and values so far."""
+        if self.k[layer] is None:  # allocated on first use: the dtype is whatever the forward computes in
+            B, _, H, D = k.shape
+            self.k[layer] = k.new_empty(B, self.max_len, H, D)
+            self.v[layer] = v.new_empty(B, self.max_len, H, D)
+        end = self.pos + k.size(1)
+        self.k[layer][:, self.pos:end] = k
+        self.v[layer][:, self.pos:end] = v
+        return self.k[layer][:, :end], self.v[layer][:, :end]
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer):
         super().__init__()
-        self.config = config
+        self.config, self.layer = config, layer
         hd = config.head_dim
         self.c_q = nn.Linear(config.n_embd, config.n_head * hd, bias=False)
         self.c_k = nn.Linear(config.n_embd, config.n_kv_head * hd, bias=False)
         self.c_v = nn.Linear(config.n_embd, config.n_kv_head * hd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, window):
+    def forward(self, x, cos, sin, window, kv_cache=None):
         B, T, C = x.shape
         cfg = self.config
         q = self.c_q(x).view(B, T, cfg.n_head, cfg.head_dim)
         k = self.c_k(x).view(B, T, cfg.n_kv_head, cfg.head_dim)
         v = self.c_v(x).view(B, T, cfg.n_kv_head, cfg.head_dim)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
-        y = attention(q, k, v, cfg.attn_scale, window, cfg.attn_impl)
+        pos = 0
+        if kv_cache is not None:
+            pos = kv_cache.pos
+            k, v = kv_cache.update(self.layer, k, v)
+        y = attention(q, k, v, cfg.attn_scale, window, cfg.attn_impl, pos)
         return self.c_proj(y.reshape(B, T, C))
 
 
@@ -155,13 +190,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer):
         super().__init__()
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, window):
-        x = x + self.attn(norm(x), cos, sin, window)
+    def forward(self, x, cos, sin, window, kv_cache=None):
+        x = x + self.attn(norm(x), cos, sin, window, kv_cache)
         return x + self.mlp(norm(x))
 
 
@@ -172,7 +207,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -352,18 +387,22 @@ class GPT(nn.Module):
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
-    def forward(self, idx, targets=None, reduction="mean"):
-        """Logits (B, T, V) in fp32 without targets; else cross-entropy (targets of -1 ignored)."""
+    def forward(self, idx, targets=None, reduction="mean", kv_cache=None):
+        """Logits (B, T, V) in fp32 without targets; else cross-entropy (targets of -1 ignored). With a
+        KVCache, idx continues the cached tokens (positions kv_cache.pos..) and is appended to the cache."""
         B, T = idx.shape
         cfg = self.config
-        if T > cfg.sequence_len:
-            raise ValueError(f"input length {T} exceeds GPTConfig.sequence_len={cfg.sequence_len}")
-        cos, sin = self.cos[:, :T], self.sin[:, :T]
+        pos = 0 if kv_cache is None else kv_cache.pos
+        if pos + T > cfg.sequence_len:
+            raise ValueError(f"input length {pos + T} exceeds GPTConfig.sequence_len={cfg.sequence_len}")
+        cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
         x = norm(self.transformer.wte(idx))
         x0 = x
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            x = block(x, cos, sin, self.windows[i])
+            x = block(x, cos, sin, self.windows[i], kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
         x = norm(x)
         hooked = self.lm_head._forward_hooks or self.lm_head._forward_pre_hooks  # coord checks must see lm_head
         if targets is not None and cfg.head_impl != "eager" and not hooked:
@@ -380,13 +419,16 @@ class GPT(nn.Module):
 
     def _fused_loss(self, x, targets, reduction):
         """lm_head + logit multiplier + softcap + cross-entropy without materialising the (tokens, vocab) logits."""
-        from kernels.head import chunked_linear_cross_entropy, fused_linear_cross_entropy
+        import kernels.head as head  # lazy: Triton is only imported on this path
 
         cfg = self.config
-        triton = cfg.head_impl == "triton" or (cfg.head_impl == "auto" and x.is_cuda)
-        fn = fused_linear_cross_entropy if triton else chunked_linear_cross_entropy
-        if torch.is_autocast_enabled(x.device.type):  # the head matmul runs in the autocast dtype, as lm_head would
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        fn = head.chunked_linear_cross_entropy  # both run the matmuls in autocast's dtype, as lm_head would
+        if cfg.head_impl == "triton" or (cfg.head_impl == "auto" and x.is_cuda):
+            why = head.unsupported(x.device.type, head.compute_dtype(x))
+            if why is None:
+                fn = head.fused_linear_cross_entropy
+            elif cfg.head_impl == "triton":
+                raise ValueError(f"head_impl='triton' cannot run {why}: use head_impl='chunked' (--head-impl chunked)")
         B, T, C = x.shape
         loss = fn(x.reshape(B * T, C), self.lm_head.weight, targets.reshape(-1), logit_mult=cfg.logit_mult,
                   softcap=cfg.softcap, ignore_index=-1, reduction=reduction)
@@ -402,14 +444,21 @@ class GPT(nn.Module):
         return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_embd * cfg.sequence_len
 
     @torch.no_grad()
-    def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
-        """Sample continuation token ids of a list of prompt ids (no KV cache: the context is at most sequence_len)."""
+    def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42, use_cache=True):
+        """Sample continuation token ids of a list of prompt ids. With the KV cache each step feeds only the
+        new token. The context is the last sequence_len tokens: once longer, every position shifts each step,
+        so from then on each token takes a full forward over that window (with or without the cache)."""
         device = self.cos.device
+        L = self.config.sequence_len
         rng = torch.Generator(device=device).manual_seed(seed)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        cache = KVCache(self.config.n_layer, L) if use_cache else None
         out = []
         for _ in range(max_tokens):
-            logits = self(ids[:, -self.config.sequence_len:])[:, -1, :]
+            if cache is not None and ids.size(1) <= L:
+                logits = self(ids[:, cache.pos:], kv_cache=cache)[:, -1, :]
+            else:
+                logits = self(ids[:, -L:])[:, -1, :]
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:

@@ -128,9 +128,6 @@ if device_type not in ("cuda", "mps", "cpu"):
     parser.error(f"--device={args.device}: choose auto, cuda, mps or cpu")
 if device_type == "cuda" and not torch.cuda.is_available():
     parser.error("--device=cuda but no CUDA GPU is visible: use --device cpu")
-for opt in ("attn_impl", "head_impl"):
-    if getattr(args, opt) == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        parser.error(f"--{opt.replace('_', '-')}=triton needs a CUDA GPU (device is {device_type}): use auto")
 device = torch.device(f"cuda:{local_rank}" if device_type == "cuda" else device_type)
 if device_type == "cuda":
     torch.cuda.set_device(device)
@@ -207,6 +204,17 @@ try:
                        head_impl=args.head_impl)
 except ValueError as e:
     parser.error(str(e))
+# an explicit Triton choice the kernels cannot run fails here, in one line, not at the first forward
+if args.attn_impl == "triton":
+    import kernels.attention
+
+    if why := kernels.attention.unsupported(device_type, dtype, config.head_dim):
+        parser.error(f"--attn-impl=triton cannot run {why}: use --attn-impl sdpa (or auto)")
+if args.head_impl == "triton":
+    import kernels.head
+
+    if why := kernels.head.unsupported(device_type, dtype):
+        parser.error(f"--head-impl=triton cannot run {why}: use --head-impl chunked (or auto)")
 model = build_model(config, device)
 opt_kwargs = dict(matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,
                   weight_decay=args.weight_decay, scalar_lr=args.scalar_lr, matrix_optimizer=args.matrix_optimizer)

@@ -10,6 +10,9 @@ import torch
 # is imported, so it is set here, before pytest imports the test modules.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests of the Triton paths put their tensors here: the compiled kernels on CUDA tensors where there is a GPU,
+# the interpreter on CPU tensors elsewhere (CPU tensors cannot reach compiled kernels, and vice versa).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 from nanochat.dataset import write_shards  # noqa: E402
 from nanochat.tokenizer import Tokenizer  # noqa: E402

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from conftest import DEVICE
 
 import kernels.attention as attention
 from kernels.attention import (
@@ -18,7 +19,6 @@ from kernels.attention import (
     sliding_window_mask,
 )
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 # (B, T, H, H_kv, D, causal, window, scale): odd T, GQA 2:1 / 4:1 / MQA, windows below, at and above
@@ -146,11 +146,37 @@ def test_torch_compile_fullgraph():
 
 def test_rejects_bad_shapes():
     q, k, v, _ = _inputs(1, 8, 2, 1, 48, torch.float32)
-    with pytest.raises(AssertionError, match="head_dim"):
+    with pytest.raises(ValueError, match=r"head_dim=48 \(the kernels support 32, 64, 128\): use SDPA"):
         flash_attention(q, k, v, scale=0.1)
     q, k, v, _ = _inputs(1, 8, 3, 2, 32, torch.float32)
     with pytest.raises(AssertionError, match="divide"):
         flash_attention(q, k, v, scale=0.1)
+    q, k, v, _ = _inputs(1, 8, 2, 1, 32, torch.float32)
+    with pytest.raises(ValueError, match="dtypes differ"):
+        flash_attention(q, k, v.bfloat16(), scale=0.1)
+
+
+def test_unsupported_cases_are_named(monkeypatch):
+    for D in attention.HEAD_DIMS:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            assert attention.unsupported(DEVICE, dtype, D) is None
+    assert "head_dim=80" in attention.unsupported("cuda", torch.bfloat16, 80)
+    assert "dtype torch.float64" in attention.unsupported("cuda", torch.float64, 64)
+    monkeypatch.setattr(attention, "INTERPRET", False)
+    assert "device cpu" in attention.unsupported("cpu", torch.float32, 64)
+
+
+def test_autocast_casts_like_sdpa():
+    # what the model hands over under bf16 autocast when rotary/norm run in fp32: fp32 q, k next to a bf16 v.
+    # A custom op gets no autocast casts, so the wrapper casts all three to bf16, as autocast does for SDPA.
+    q, k, v, do = _inputs(1, 77, 4, 2, 64, torch.float32)
+    kw = dict(scale=0.125, window=20)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = _run(flash_attention, q, k, v.bfloat16(), do.bfloat16(), **kw)
+    ref = _run(flash_attention, q.bfloat16(), k.bfloat16(), v.bfloat16(), do.bfloat16(), **kw)
+    assert out[0].dtype == torch.bfloat16 and out[1].dtype == out[2].dtype == torch.float32
+    for name, x, r in zip("o dq dk dv".split(), out, ref, strict=True):
+        assert torch.equal(x, r.to(x.dtype)), name
 
 
 # Compiling for sm_90 needs no GPU (Triton ships ptxas), so CPU CI still catches code that only the

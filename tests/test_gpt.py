@@ -6,26 +6,27 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from conftest import DEVICE
 
 import nanochat.gpt as gpt_module
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import orthogonalize
 
 
-def build(**kw):
+def build(device="cpu", **kw):
     cfg = dict(sequence_len=32, vocab_size=97, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
     cfg.update(kw)
     with torch.device("meta"):
         model = GPT(GPTConfig(**cfg))
-    model.to_empty(device="cpu")
+    model.to_empty(device=device)
     torch.manual_seed(0)
     model.init_weights()
     return model
 
 
-def batch(B=2, T=16, V=97, seed=0):
+def batch(B=2, T=16, V=97, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g)
+    return torch.randint(0, V, (B, T), generator=g).to(device), torch.randint(0, V, (B, T), generator=g).to(device)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -297,7 +298,8 @@ def test_triton_and_sdpa_attention_give_the_same_model():
         torch.nn.init.normal_(m.lm_head.weight, std=0.02, generator=torch.Generator().manual_seed(0))
         for blk in m.transformer.h:  # non-zero out-projections so attention matters
             torch.nn.init.normal_(blk.attn.c_proj.weight, std=0.05, generator=torch.Generator().manual_seed(1))
-    x, y = batch(T=37)
+    ref, tri = ref.to(DEVICE), tri.to(DEVICE)
+    x, y = batch(T=37, device=DEVICE)
     torch.testing.assert_close(tri(x), ref(x), rtol=1e-4, atol=1e-5)
     ref(x, y).backward()
     tri(x, y).backward()
@@ -312,7 +314,8 @@ def test_fused_heads_match_eager_and_hooks_still_fire(reduction):
     for m in models.values():
         m.load_state_dict(models["eager"].state_dict())
         torch.nn.init.normal_(m.lm_head.weight, std=0.5, generator=torch.Generator().manual_seed(0))
-    x, y = batch(T=15)
+        m.to(DEVICE)
+    x, y = batch(T=15, device=DEVICE)
     y[0, :5] = -1
     losses = {impl: m(x, y, reduction=reduction) for impl, m in models.items()}
     for impl in ("chunked", "triton"):
@@ -329,3 +332,45 @@ def test_fused_heads_match_eager_and_hooks_still_fire(reduction):
     model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
     torch.testing.assert_close(model(x, y, reduction=reduction), losses["eager"].detach(), rtol=1e-5, atol=1e-6)
     assert seen == [(2, 15, 97)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# generation with the KV cache
+
+
+def generation_model():
+    # GQA 4:2, two sliding-window layers (window 16 < sequence_len 32), head_dim 32: on CUDA `auto` runs the
+    # prefill through the Triton kernel and the decode steps through SDPA, on CPU both through SDPA
+    model = build(DEVICE, n_layer=3, window_pattern="SSL", n_head=4, n_kv_head=2, n_embd=128)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # random lm_head and out-projections: zero-init ones would make every logit equal
+        for name, p in model.named_parameters():
+            if name == "lm_head.weight" or name.endswith("c_proj.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+def test_kv_cache_forward_matches_full_forward():
+    model = generation_model()
+    ids = torch.randint(0, 97, (2, 27), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    with torch.no_grad():
+        full = model(ids)
+        cache = gpt_module.KVCache(model.config.n_layer, model.config.sequence_len)
+        steps = [model(ids[:, :9], kv_cache=cache)] + [model(ids[:, t:t + 1], kv_cache=cache) for t in range(9, 27)]
+        assert cache.pos == 27
+        torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError, match="input length 33 exceeds"):
+            model(ids[:, :6], kv_cache=cache)
+
+
+@pytest.mark.parametrize("prompt_len", [5, 30])
+def test_kv_cache_greedy_generation_matches_no_cache(prompt_len):
+    # prompt 30 of sequence_len 32: two cached steps, then the context slides and every step is a full forward
+    model = generation_model()
+    prompt = torch.randint(0, 97, (prompt_len,), generator=torch.Generator().manual_seed(prompt_len)).tolist()
+    lengths = []
+    model.transformer.wte.register_forward_pre_hook(lambda mod, args: lengths.append(args[0].size(1)))
+    cached = model.generate(prompt, 12, temperature=0)
+    assert lengths == [min(prompt_len + i, 32) if i == 0 or prompt_len + i > 32 else 1 for i in range(12)]
+    assert cached == model.generate(prompt, 12, temperature=0, use_cache=False)
+    assert len(set(cached)) > 3  # a real continuation, not one repeated token

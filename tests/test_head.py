@@ -1,6 +1,7 @@
 
 import pytest
 import torch
+from conftest import DEVICE
 from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime.jit import JITFunction
 
@@ -31,12 +32,12 @@ def out_grad(reduction, n, seed=1):
 
 
 def run(fn, x, w, t, grad, dtype, **kw):
-    """loss, grad_x, grad_W of fn on copies of x, w in dtype, backpropagating grad."""
-    x = x.detach().to(dtype).requires_grad_()
-    w = w.detach().to(dtype).requires_grad_()
-    loss = fn(x, w, t, **kw)
-    loss.backward(grad.to(loss.dtype))
-    return loss.detach(), x.grad, w.grad
+    """loss, grad_x, grad_W (on the CPU) of fn on copies of x, w in dtype on DEVICE, backpropagating grad."""
+    x = x.detach().to(DEVICE, dtype).requires_grad_()
+    w = w.detach().to(DEVICE, dtype).requires_grad_()
+    loss = fn(x, w, t.to(DEVICE), **kw)
+    loss.backward(grad.to(DEVICE, loss.dtype))
+    return loss.detach().cpu(), x.grad.cpu(), w.grad.cpu()
 
 
 def rel_err(a, ref):
@@ -103,20 +104,48 @@ def test_low_precision_within_2x_torch_error(impl, dtype):
 def test_mixed_dtypes_like_autocast(impl):
     # bf16 activations with an fp32 weight: matmuls in bf16, each grad in its input's dtype
     x, w, t = make_inputs()
-    x = x.bfloat16().requires_grad_()
-    w = w.float().requires_grad_()
-    IMPLS[impl](x, w, t, chunk_size=32).backward()
+    x = x.to(DEVICE, torch.bfloat16).requires_grad_()
+    w = w.to(DEVICE, torch.float32).requires_grad_()
+    IMPLS[impl](x, w, t.to(DEVICE), chunk_size=32).backward()
     assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
     ref = run(eager_linear_cross_entropy, x, w, t, torch.tensor(1.0), torch.float64)
-    assert rel_err(w.grad, ref[2]) < 2e-2
+    assert rel_err(w.grad.cpu(), ref[2]) < 2e-2
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_autocast_casts_like_f_linear(impl):
+    # a custom op gets no autocast casts: under bf16 autocast the wrapper must run fp32 x in bf16, as F.linear
+    # does, and hand back grads in the inputs' dtypes
+    x, w, t = make_inputs()
+    x = x.to(DEVICE, torch.float32).requires_grad_()
+    w = w.to(DEVICE, torch.float32).requires_grad_()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        loss = IMPLS[impl](x, w, t.to(DEVICE), softcap=15.0, chunk_size=32)
+    loss.backward()
+    assert x.grad.dtype == w.grad.dtype == torch.float32
+    xb = x.detach().bfloat16().requires_grad_()
+    wb = w.detach().clone().requires_grad_()
+    ref = IMPLS[impl](xb, wb, t.to(DEVICE), softcap=15.0, chunk_size=32)
+    ref.backward()
+    assert loss.item() == ref.item()
+    assert torch.equal(x.grad, xb.grad.float()) and torch.equal(w.grad, wb.grad)
+
+
+def test_unsupported_cases_are_named(monkeypatch):
+    assert head.unsupported(DEVICE, torch.bfloat16) is None
+    assert "dtype torch.float64" in head.unsupported("cuda", torch.float64)
+    monkeypatch.setattr(head, "_INTERPRET", False)
+    assert "device cpu" in head.unsupported("cpu", torch.float32)
+    with pytest.raises(ValueError, match="device cpu .* use chunked_linear_cross_entropy"):
+        fused_linear_cross_entropy(*make_inputs(n=4, v=8))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_backward_twice_with_retain_graph(impl):
     # the precomputed grads are saved tensors: backward must rescale copies, never them in place
     x, w, t = make_inputs()
-    x = x.float().requires_grad_()
-    loss = IMPLS[impl](x, w.float(), t, softcap=15.0, chunk_size=32)
+    x = x.to(DEVICE, torch.float32).requires_grad_()
+    loss = IMPLS[impl](x, w.to(DEVICE, torch.float32), t.to(DEVICE), softcap=15.0, chunk_size=32)
     (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
     (g2,) = torch.autograd.grad(loss * 2, x)
     torch.testing.assert_close(g2, 2 * g1)
@@ -150,9 +179,9 @@ def test_never_materialises_full_logits(use_triton):
     # custom op itself would hide its internals from the hook
     n, d, v, chunk = 200, 16, 1003, 32
     x, w, t = make_inputs(n=n, d=d, v=v)
-    x, w = x.float(), w.float()
+    x, w, t = x.to(DEVICE, torch.float32), w.to(DEVICE, torch.float32), t.to(DEVICE)
     with MaxNumel() as mode:
-        for row_scale in (None, torch.ones(n)):
+        for row_scale in (None, torch.ones(n, device=DEVICE)):
             head._lce_chunks(x, w, t, row_scale, 0.5, 15.0, -1, chunk, use_triton)
     assert mode.max_nbytes == 4 * max(chunk * v, v * d)  # the fp32 chunk buffer / grad_W, never n * v
     assert mode.max_nbytes < 4 * n * v

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from conftest import DEVICE
 
 from nanochat.dataset import iter_documents
 from nanochat.tokenizer import Tokenizer
@@ -64,6 +65,22 @@ def test_train_smoke_loss_decreases_and_files_written(corpus, tmp_path):
     assert s.returncode == 0 and s.stdout.count("the king") == 1, s.stderr
 
 
+def test_cuda_recipe_bf16_triton_kernels(corpus, tmp_path):
+    # base_train's CUDA settings (bf16 autocast, both Triton kernels, GQA, a sliding-window layer) through the
+    # interpreter on CPU, or the compiled kernels where there is a GPU; head_dim 32, the smallest the kernel has.
+    # The closing samples run generate() with the KV cache, its prefill through the Triton attention.
+    out = tmp_path / "run"
+    r = train(corpus, out, "--device", DEVICE, "--dtype", "bfloat16", "--attn-impl", "triton", "--head-impl", "triton",
+              "--compile", "0", "--n-embd", "64", "--n-head", "2", "--n-kv-head", "1", "--depth", "2",
+              "--window-pattern", "SL", "--num-iterations", "8", "--eval-every", "0", "--matrix-lr", "0.05",
+              "--unembedding-lr", "0.05")
+    assert f"{DEVICE} bfloat16" in r.stdout + r.stderr
+    m = metrics(out)
+    assert len(m) == 8 and all(math.isfinite(row["train_loss"]) for row in m)
+    assert m[-1]["train_loss"] < 0.9 * m[0]["train_loss"]
+    assert math.isfinite(m[-1]["val_bpb"]) and r.stdout.count("sample:") == 3
+
+
 def test_resume_continues_at_the_checkpoint_step(corpus, tmp_path):
     out = tmp_path / "run"
     common = ["--num-iterations", "8", "--eval-every", "0", "--warmdown-ratio", "0.5", "--save-every", "4"]
@@ -96,6 +113,7 @@ def test_torchrun_two_ranks_hold_identical_weights(corpus, tmp_path):
         (["--n-embd", "30", "--n-head", "4"], "n_embd=30 is not divisible by n_head=4"),
         (["--depth", "0"], "--depth=0"),
         (["--device", "tpu"], "--device=tpu"),
+        (["--n-embd", "96", "--attn-impl", "triton"], "--attn-impl=triton cannot run head_dim=48"),
     ],
 )
 def test_bad_cli_input_gives_one_line_error(corpus, tmp_path, args, message):

@@ -1,6 +1,7 @@
 """Small helpers shared across the repo: cache dir, distributed info, atomic writes."""
 
 import argparse
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -55,11 +56,73 @@ def atomic_write_text(path, text):
 
 
 class ArgParser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit 2, no usage dump) and both spellings of every option."""
+    """argparse with one-line errors (exit 2, no usage dump), both spellings of every option, and declared checks
+    run by parse_args, so a script can validate every option before it imports torch or writes anything:
 
-    def add(self, name, **kw):
+        add("--lr", type=float, min=0)          # finite (no nan/inf), >= 0
+        add("--depth", type=int, min=1)         # an integer >= 1 ("1.5", "nan" rejected)
+        add("--ratio", type=float, min=0, max=1, above=None)
+        add("--out", path="out")                # creatable/writable directory; "dir": an existing directory
+
+    Each failure is one line naming the option, the value and what to pass instead."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.checks = []  # (flag, dest, type, min, max, above, path)
+
+    def add(self, name, *, min=None, max=None, above=None, path=None, **kw):
+        """above: strict lower bound. Numbers are parsed after argparse, so the messages are ours."""
         names = [name] + ([name.replace("-", "_").replace("__", "--", 1)] if "-" in name[2:] else [])
-        return self.add_argument(*names, **kw)
+        kind = kw.pop("type", None) if kw.get("type") in (int, float) else None
+        action = self.add_argument(*names, **kw)
+        if kind or path:
+            self.checks.append((name, action.dest, kind, min, max, above, path))
+        return action
+
+    def parse_args(self, args=None, namespace=None):
+        ns = super().parse_args(args, namespace)
+        for flag, dest, kind, lo, hi, above, path in self.checks:
+            v = getattr(ns, dest)
+            if kind and v is not None:
+                setattr(ns, dest, self._number(flag, v, kind, lo, hi, above))
+            if path and v:
+                self._path(flag, v, path)
+        return ns
+
+    def _number(self, flag, raw, kind, lo, hi, above):
+        what = "an integer" if kind is int else "a finite number"
+        bounds = [f"> {above}"] if above is not None else []
+        bounds += [f">= {lo}"] if lo is not None and hi is None else []
+        bounds += [f"in [{lo}, {hi}]"] if lo is not None and hi is not None else []
+        bounds += [f"<= {hi}"] if hi is not None and lo is None else []
+        fix = f"pass {what}" + (" " + " and ".join(bounds) if bounds else "")
+        try:
+            v = kind(raw)
+        except (TypeError, ValueError):
+            self.error(f"{flag}={raw}: not {what}: {fix}")
+        if kind is float and not math.isfinite(v):
+            self.error(f"{flag}={raw}: not finite: {fix}")
+        if (above is not None and v <= above) or (lo is not None and v < lo) or (hi is not None and v > hi):
+            self.error(f"{flag}={raw}: out of range: {fix}")
+        return v
+
+    def _path(self, flag, value, kind):
+        p = os.path.abspath(value)
+        if kind == "dir":
+            if not os.path.isdir(p):
+                self.error(f"{flag}={value}: " + ("is a file" if os.path.exists(p) else "does not exist")
+                           + ": pass an existing directory")
+            return
+        # "out": a directory that exists or can be created, and that this process can write into
+        if os.path.exists(p) and not os.path.isdir(p):
+            self.error(f"{flag}={value}: is a file, not a directory: pass a directory path (new or existing)")
+        parent = p
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            self.error(f"{flag}={value}: {parent} is a file, so the directory cannot be created: pick another path")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            self.error(f"{flag}={value}: {parent} is not writable: pick a directory you can write to")
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")

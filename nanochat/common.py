@@ -68,25 +68,31 @@ class ArgParser(argparse.ArgumentParser):
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
-        self.checks = []  # (flag, dest, type, min, max, above, path)
+        self.checks = []  # (flag, dest, type, min, max, above, path, choices)
+        self.path_fix = {}  # flag -> what to do when the directory is missing
 
-    def add(self, name, *, min=None, max=None, above=None, path=None, **kw):
-        """above: strict lower bound. Numbers are parsed after argparse, so the messages are ours."""
+    def add(self, name, *, min=None, max=None, above=None, path=None, fix=None, **kw):
+        """above: strict lower bound; fix: the advice for a missing directory. Numbers and choices are checked
+        after argparse, so the messages are ours."""
         names = [name] + ([name.replace("-", "_").replace("__", "--", 1)] if "-" in name[2:] else [])
         kind = kw.pop("type", None) if kw.get("type") in (int, float) else None
+        choices = kw.pop("choices", None)
         action = self.add_argument(*names, **kw)
-        if kind or path:
-            self.checks.append((name, action.dest, kind, min, max, above, path))
+        self.path_fix[name] = fix or "pass an existing directory"
+        if kind or path or choices:
+            self.checks.append((name, action.dest, kind, min, max, above, path, choices))
         return action
 
     def parse_args(self, args=None, namespace=None):
         ns = super().parse_args(args, namespace)
-        for flag, dest, kind, lo, hi, above, path in self.checks:
+        for flag, dest, kind, lo, hi, above, path, choices in self.checks:
             v = getattr(ns, dest)
             if kind and v is not None:
                 setattr(ns, dest, self._number(flag, v, kind, lo, hi, above))
             if path and v:
                 self._path(flag, v, path)
+            if choices and v not in choices:
+                self.error(f"{flag}={v}: not a valid choice: pass one of {', '.join(map(str, choices))}")
         return ns
 
     def _number(self, flag, raw, kind, lo, hi, above):
@@ -111,7 +117,7 @@ class ArgParser(argparse.ArgumentParser):
         if kind == "dir":
             if not os.path.isdir(p):
                 self.error(f"{flag}={value}: " + ("is a file" if os.path.exists(p) else "does not exist")
-                           + ": pass an existing directory")
+                           + f": {self.path_fix.get(flag, 'pass an existing directory')}")
             return
         # "out": a directory that exists or can be created, and that this process can write into
         if os.path.exists(p) and not os.path.isdir(p):

@@ -74,8 +74,10 @@ parser.add("--save-every", type=int, default=0, min=0, help="checkpoint every N 
 parser.add("--resume", action="store_true", help="continue from the latest complete checkpoint in --out-dir")
 parser.add("--run", default="", help="wandb run name (wandb stays disabled without it; offline by default)")
 parser.add("--out-dir", default="", path="out", help="run directory (default: runs/<run or 'base'>)")
-parser.add("--data-dir", default="", path="dir", help="parquet shards (default: <base dir>/data/shakespeare)")
-parser.add("--tokenizer-dir", default="", path="dir", help="trained tokenizer (default: <base dir>/tokenizer/default)")
+parser.add("--data-dir", default="", path="dir", fix="run `python -m nanochat.dataset shakespeare` or pass the shards' "
+           "directory", help="parquet shards (default: <base dir>/data/shakespeare)")
+parser.add("--tokenizer-dir", default="", path="dir", fix="run `python scripts/tok_train.py` or pass its --out",
+           help="trained tokenizer (default: <base dir>/tokenizer/default)")
 # system
 parser.add("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="auto: cuda > mps > cpu")
 parser.add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA, else fp32")
@@ -174,10 +176,9 @@ prev_total = prev and (prev.get("total_batch") or prev["args"]["total_batch_size
                        or prev["args"]["device_batch_size"] * prev["args"]["sequence_len"] * prev["world_size"])
 total_batch = args.total_batch_size or prev_total or tokens_per_pass
 if total_batch % tokens_per_pass:
-    source = "the checkpoint's" if prev_total and not args.total_batch_size else "--total-batch-size="
-    parser.error(f"{source}{total_batch} tokens per step is not divisible by device_batch_size*sequence_len*"
-                 f"world_size = {B}*{T}*{world_size} = {tokens_per_pass}: change --device-batch-size or the "
-                 f"number of processes so that it divides")
+    what = f"--total-batch-size={total_batch}" if args.total_batch_size else f"the checkpoint's {total_batch} tokens"
+    parser.error(f"{what} is not divisible by device_batch_size*sequence_len*world_size = {B}*{T}*{world_size} "
+                 f"= {tokens_per_pass}: pick a --device-batch-size and process count whose product divides it")
 grad_accum = total_batch // tokens_per_pass
 num_steps = math.ceil(args.target_tokens / total_batch) if args.target_tokens else args.num_iterations
 if num_steps <= 0:

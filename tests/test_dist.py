@@ -139,9 +139,10 @@ BAD = [
     ("other vocab", ["--resume", "--tokenizer-dir", "{tok280}"], None, "run",
      "vocab_size=300 in the checkpoint but vocab_size=280"),
     ("other width", ["--resume", "--n-embd", "64"], None, "run", "n_embd=32 in the checkpoint but n_embd=64"),
-    ("other world size", ["--resume"], TORCHRUN_RANK0, "run", "world_size=1, this run world_size=2"),
+    # the checkpoint's global batch (4 sequences) cannot be split over 2 processes x 4 sequences
+    ("other world size", ["--resume"], TORCHRUN_RANK0, "run", "the checkpoint's 128 tokens is not divisible"),
     ("other streams", ["--resume", "--data-streams", "2", "--total-batch-size", "256"], None, "run",
-     "data_streams=1, this run data_streams=2"),
+     "the checkpoint has 1 data streams, this run --data-streams=2"),
 ]
 
 

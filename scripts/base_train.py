@@ -370,7 +370,8 @@ def stop(step, what):
         good = complete_steps(out_dir)
         print(f"step {step}: {what}: stopping, nothing of this step is saved; "
               + (f"last good checkpoint: step {good[-1]}" if good else "no checkpoint yet"), file=sys.stderr)
-    if ddp:
+    if ddp:  # every rank stops at the same check; wait for rank 0's line before torchrun sees an exit
+        dist.barrier()
         dist.destroy_process_group()
     sys.exit(3)
 

@@ -178,9 +178,15 @@ prev_total = prev and (prev.get("total_batch") or prev["args"]["total_batch_size
                        or prev["args"]["device_batch_size"] * prev["args"]["sequence_len"] * prev["world_size"])
 total_batch = args.total_batch_size or prev_total or tokens_per_pass
 if total_batch % tokens_per_pass:
+    rows = total_batch // T
+    if total_batch % T or rows % world_size:
+        fix = f"pick a multiple of {tokens_per_pass}" if args.total_batch_size else \
+            f"use a number of processes that divides its {rows} sequences"
+    else:  # the largest device batch <= B that splits this rank's rows evenly
+        fix = f"use --device-batch-size {max(d for d in range(1, B + 1) if rows // world_size % d == 0)}"
     what = f"--total-batch-size={total_batch}" if args.total_batch_size else f"the checkpoint's {total_batch} tokens"
     parser.error(f"{what} is not divisible by device_batch_size*sequence_len*world_size = {B}*{T}*{world_size} "
-                 f"= {tokens_per_pass}: pick a --device-batch-size and process count whose product divides it")
+                 f"= {tokens_per_pass}: {fix}")
 grad_accum = total_batch // tokens_per_pass
 num_steps = math.ceil(args.target_tokens / total_batch) if args.target_tokens else args.num_iterations
 if num_steps <= 0:

@@ -198,7 +198,8 @@ BAD = [
      "vocab_size=300 in the checkpoint but vocab_size=280"),
     ("other width", ["--resume", "--n-embd", "64"], None, "run", "n_embd=32 in the checkpoint but n_embd=64"),
     # the checkpoint's global batch (4 sequences) cannot be split over 2 processes x 4 sequences
-    ("other world size", ["--resume"], TORCHRUN_RANK0, "run", "the checkpoint's 128 tokens is not divisible"),
+    ("other world size", ["--resume"], TORCHRUN_RANK0, "run", "the checkpoint's 128 tokens is not divisible by "
+     "device_batch_size*sequence_len*world_size = 4*32*2 = 256: use --device-batch-size 2"),
     ("other streams", ["--resume", "--data-streams", "2", "--total-batch-size", "256"], None, "run",
      "the checkpoint has 1 data streams, this run --data-streams=2"),
 ]

@@ -343,21 +343,28 @@ def evaluate():
     return bpb
 
 
-def sample(step):
-    if not master:
-        return
-    model.eval()
-    for i, prompt in enumerate(("ROMEO:", "To be, or not to be", "The king")):
-        ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-        try:
-            with autocast:
-                out = model.generate(ids, max_tokens=48, temperature=0.8, top_k=50, seed=args.seed + i)
-        except RuntimeError as e:  # torch.multinomial refuses nan/inf probabilities: finite weights, non-finite logits
-            if "probability tensor" not in str(e):
-                raise
-            stop(step, "non-finite logits while sampling")
-        log(f"  sample: {tokenizer.decode(ids[1:] + out)!r}")
-    model.train()
+def sample():
+    """Rank 0 prints samples; False (on every rank) when the logits were not finite."""
+    ok = True
+    if master:
+        model.eval()
+        for i, prompt in enumerate(("ROMEO:", "To be, or not to be", "The king")):
+            ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+            try:
+                with autocast:
+                    out = model.generate(ids, max_tokens=48, temperature=0.8, top_k=50, seed=args.seed + i)
+            except RuntimeError as e:  # torch.multinomial refuses nan/inf probabilities
+                if "probability tensor" not in str(e):
+                    raise
+                ok = False
+                break
+            log(f"  sample: {tokenizer.decode(ids[1:] + out)!r}")
+        model.train()
+    if ddp:  # the other ranks must stop with rank 0
+        flag = torch.tensor([float(ok)], device=device)
+        dist.broadcast(flag, 0)
+        ok = bool(flag.item())
+    return ok
 
 
 def params_finite():
@@ -457,7 +464,8 @@ for step in bar:
     bar.set_postfix(postfix)
     log_metrics(row)
     if last or (args.sample_every and (step + 1) % args.sample_every == 0):
-        sample(step + 1)
+        if not sample():
+            stop(step + 1, "non-finite logits while sampling")
     if last or (args.save_every and (step + 1) % args.save_every == 0):
         save(step + 1)
     t_last = time.time()  # eval, sampling and saving do not count against throughput

@@ -64,7 +64,7 @@ class ArgParser(argparse.ArgumentParser):
 
         add("--lr", type=float, min=0)          # finite (no nan/inf), >= 0
         add("--depth", type=int, min=1)         # an integer >= 1 ("1.5", "nan" rejected)
-        add("--ratio", type=float, min=0, max=1, above=None)
+        add("--mult", type=float, above=0)      # finite, > 0
         add("--out", path="out")                # creatable/writable directory; "dir": an existing directory;
                                                 # "outfile": a file whose directory is creatable/writable
 
@@ -84,7 +84,8 @@ class ArgParser(argparse.ArgumentParser):
         if choices:
             kw.setdefault("metavar", "{" + ",".join(map(str, choices)) + "}")
         action = self.add_argument(*names, **kw)
-        self.path_fix[name] = fix or "pass an existing directory"
+        if path:
+            self.path_fix[name] = fix or "pass an existing directory"
         if kind or path or choices:
             self.checks.append((name, action.dest, kind, min, max, above, path, choices))
         return action
@@ -102,7 +103,7 @@ class ArgParser(argparse.ArgumentParser):
             if kind and v is not None:
                 setattr(ns, dest, self._number(flag, v, kind, lo, hi, above))
             if path and v:
-                self._path(flag, v, path)
+                self.check_path(flag, v, path)
             if choices and v not in choices:
                 self.error(f"{flag}={v}: not a valid choice: pass one of {', '.join(map(str, choices))}")
         return ns
@@ -126,7 +127,7 @@ class ArgParser(argparse.ArgumentParser):
             self.error(f"{flag}={raw}: out of range: {fix}")
         return v
 
-    def _path(self, flag, value, kind):
+    def check_path(self, flag, value, kind):
         p = os.path.abspath(value)
         if kind == "dir":
             if not os.path.isdir(p):

@@ -6,13 +6,15 @@ Pre-train a GPT, in SP or muP, on one CPU, one GPU or many (torchrun).
 
 Every option accepts both spellings (--mup-base-width and --mup_base_width). Writes to --out-dir:
 config.json, metrics.jsonl, checkpoints/step_*/ and loss.png. --resume continues from the latest
-complete checkpoint exactly where it stopped (bit-identical on CPU).
+complete checkpoint exactly where it stopped (bit-identical on CPU), also on another number of processes
+(the optimizer state is re-partitioned and the data streams continue; see dev/distributed.md).
 
 Under torchrun the optimizer is sharded ZeRO-2 style (nanochat.optim.DistMuonAdamW). With --data-streams
 the global batch no longer depends on how it is split into ranks and accumulation steps (see dev/distributed.md).
 
-Exit codes: 0 done; 2 bad input (one line on stderr, checked before anything is written); 3 non-finite loss
-or gradient (the bad step is not applied or saved; the last good checkpoint stays the latest).
+Exit codes: 0 done; 2 bad input (one line on stderr; the options are checked before torch is imported, everything
+before anything is written); 3 non-finite loss, gradient, weights after an update, val bpb or sample logits (one
+line naming the step; nothing of that step is logged or saved, so the last good checkpoint stays the latest).
 """
 
 import json
@@ -94,7 +96,7 @@ if not args.window_pattern or set(args.window_pattern) - {"L", "S"}:
     parser.error(f"--window-pattern={args.window_pattern}: use only the letters L and S, e.g. --window-pattern SSL")
 out_dir = os.path.abspath(args.out_dir or os.path.join("runs", args.run or "base"))
 if not args.out_dir:  # the default path gets the same checks as an explicit one
-    parser._path("--out-dir", out_dir, "out")
+    parser.check_path("--out-dir", out_dir, "out")
 
 from contextlib import nullcontext  # noqa: E402  (the options are checked first: a bad one fails fast)
 from dataclasses import asdict  # noqa: E402

@@ -128,3 +128,32 @@ def test_sample_refuses_non_finite_weights(run_dir, tmp_path):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 3 and len(lines) == 1 and "non-finite weights" in lines[0], r.stderr
     assert not r.stdout
+
+
+def parse_error(parser, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(argv)
+    return e.value.code, capsys.readouterr().err.strip()
+
+
+def test_argparser_checks_in_process(tmp_path, capsys):
+    # the helper itself: sub-commands are checked too, and an unwritable parent is caught (not as root)
+    from nanochat.common import ArgParser
+
+    parser = ArgParser(prog="p")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("go")
+    s.add("--n", type=int, default=1, min=2)
+    s.add("--out", default=None, path="out")
+    assert parse_error(parser, ["go", "--n", "1"], capsys) == (2, "p go: error: --n=1: out of range: pass an "
+                                                                  "integer >= 2")
+    assert parser.parse_args(["go", "--n", "3"]).n == 3
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.geteuid() != 0:  # root may write anywhere
+        code, err = parse_error(parser, ["go", "--n", "2", "--out", str(locked / "run")], capsys)
+        assert code == 2 and "is not writable" in err
+    p2 = ArgParser(prog="q")
+    p2.add("--lr", type=float, default=0.1, min=0)
+    assert parse_error(p2, ["--lr", "4e38"], capsys) == (2, "q: error: --lr=4e38: overflows float32 (max 3.403e+38): "
+                                                            "pass a finite number >= 0")

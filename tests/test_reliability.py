@@ -6,6 +6,7 @@ is imported, so each case is a ~50 ms process and the whole table takes a few se
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -67,9 +68,10 @@ def digest(path):
 
 @pytest.fixture(scope="module")
 def run_dir(corpus, tmp_path_factory):
-    """A finished 1-step run with a checkpoint: every bad case points at it and must leave it as it is."""
+    """A finished 1-step run with a checkpoint: every bad case points at it and must leave it as it is. No softcap,
+    so that huge weights can give non-finite logits (test_sample_exits_3_on_non_finite_state)."""
     out = tmp_path_factory.mktemp("existing") / "run"
-    train(corpus, out, "--num-iterations", "1", "--eval-every", "0", "--eval-tokens", "128")
+    train(corpus, out, "--num-iterations", "1", "--eval-every", "0", "--eval-tokens", "128", "--softcap", "0")
     return out
 
 
@@ -113,20 +115,23 @@ def test_every_bad_value_exits_2_with_one_line_and_writes_nothing(bad_results):
     assert after == before  # byte for byte
 
 
-def test_sample_refuses_non_finite_weights(run_dir, tmp_path):
-    # a checkpoint from elsewhere with a nan weight: one line, exit 3, nothing sampled
-    import shutil
-
+@pytest.mark.parametrize("poison, message", [("nan", "non-finite weights"), ("huge", "non-finite logits")])
+def test_sample_exits_3_on_non_finite_state(run_dir, tmp_path, poison, message):
+    # a checkpoint from elsewhere: a nan weight, or finite weights whose logits overflow (no softcap to bound
+    # them): one line, exit 3, nothing sampled
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     path = run / "checkpoints" / "step_000001" / "model.pt"
     w = torch.load(path)
-    next(iter(w.values())).view(-1)[0] = float("nan")
+    if poison == "nan":
+        next(iter(w.values())).view(-1)[0] = float("nan")
+    else:
+        w["lm_head.weight"].fill_(3e38)
     torch.save(w, path)
     r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sample.py"), "--run", str(run)],
                        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert r.returncode == 3 and len(lines) == 1 and "non-finite weights" in lines[0], r.stderr
+    assert r.returncode == 3 and len(lines) == 1 and message in lines[0], r.stderr
     assert not r.stdout
 
 

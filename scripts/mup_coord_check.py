@@ -6,37 +6,57 @@ and compare with theory (muP_changes.md). Prints the slope table and a summary; 
     python scripts/mup_coord_check.py --widths 64,128,256,512 --steps 10 --seeds 0,1,2 --setups muon,adamw
 """
 
-import argparse
 import json
 import os
 import time
 
-from nanochat.coord_check import deviation, fit_slopes, plot_coord_check, run_coord_check, slope_table
+from nanochat.common import ArgParser
 
 # -----------------------------------------------------------------------------------------------------
-# args (both --some-option and --some_option spellings)
+# args (both --some-option and --some_option spellings), checked before torch is imported
 
-parser = argparse.ArgumentParser(description="muP coordinate check")
-
-
-def arg(name, **kw):
-    names = [f"--{name}"] + ([f"--{name.replace('-', '_')}"] if "-" in name else [])
-    parser.add_argument(*names, **kw)
-
-
-ints = lambda s: [int(v) for v in s.split(",")]
-arg("widths", type=ints, default=[64, 128, 256, 512, 1024])
-arg("steps", type=int, default=10)
-arg("seeds", type=ints, default=[0, 1, 2])
-arg("setups", default="muon,adamw", help="matrix optimizers for hidden matrices: muon, adamw or both")
-arg("head-dim", type=int, default=32)
-arg("depth", type=int, default=2)
-arg("batch-size", type=int, default=8)
-arg("seq-len", type=int, default=64)
-arg("base-width", type=int, default=0, help="muP base width; 0 = the smallest width")
-arg("table-steps", type=ints, default=[0, 1, 2, 5, 10], help="steps shown in the table and checked")
-arg("out-dir", default="dev", help="where coord_check_<setup>.json and .png go")
+parser = ArgParser(description="muP coordinate check")
+parser.add("--widths", default="64,128,256,512,1024", help="comma-separated widths, each a multiple of --head-dim")
+parser.add("--steps", type=int, default=10, min=1)
+parser.add("--seeds", default="0,1,2", help="comma-separated seeds")
+parser.add("--setups", default="muon,adamw", help="matrix optimizers for hidden matrices: muon, adamw or both")
+parser.add("--head-dim", type=int, default=32, min=1)
+parser.add("--depth", type=int, default=2, min=1)
+parser.add("--batch-size", type=int, default=8, min=1)
+parser.add("--seq-len", type=int, default=64, min=2)
+parser.add("--base-width", type=int, default=0, min=0, help="muP base width; 0 = the smallest width")
+parser.add("--table-steps", default="0,1,2,5,10", help="steps shown in the table and checked")
+parser.add("--out-dir", default="dev", path="out", help="where coord_check_<setup>.json and .png go")
 args = parser.parse_args()
+
+
+def ints(flag, text, lo, n=1):
+    """Comma-separated integers >= lo, at least n of them, or a one-line error."""
+    try:
+        vals = [int(v) for v in text.split(",")]
+    except ValueError:
+        vals = []
+    if len(vals) < n or min(vals) < lo:
+        parser.error(f"{flag}={text}: pass at least {n} comma-separated integers >= {lo}, e.g. {flag} "
+                     + ",".join(str(lo + i) for i in range(max(n, 2))))
+    return vals
+
+
+args.widths = ints("--widths", args.widths, 1, n=2)  # slopes need two widths
+args.seeds = ints("--seeds", args.seeds, 0)
+args.table_steps = ints("--table-steps", args.table_steps, 0)
+if bad := [w for w in args.widths if w % args.head_dim]:  # n_head = width // head_dim: keep the head dim fixed
+    parser.error(f"width {bad[0]} is not a multiple of --head-dim={args.head_dim}: pick widths that are")
+if bad := set(args.setups.split(",")) - {"muon", "adamw"}:
+    parser.error(f"--setups={args.setups}: {sorted(bad)[0]!r} is not a setup: pass muon, adamw or muon,adamw")
+
+from nanochat.coord_check import (  # noqa: E402  (imports torch)
+    deviation,
+    fit_slopes,
+    plot_coord_check,
+    run_coord_check,
+    slope_table,
+)
 
 # -----------------------------------------------------------------------------------------------------
 # run, fit, print, save

@@ -7,36 +7,32 @@ The LR multiplier 2^lr_log2 scales every LR (see nanochat/transfer.py). Skips th
 key (setup, mode, width, lr_log2, output_mult, seed, steps, depth, head_dim, B, T, base_width) is present.
 """
 
-import argparse
 import time
 
-from nanochat.transfer import append_row, read_rows, row_key, train_once
+from nanochat.common import ArgParser
 
 # -----------------------------------------------------------------------------------------------------
-# args (both --some-option and --some_option spellings)
+# args (both --some-option and --some_option spellings), checked before torch is imported
 
-parser = argparse.ArgumentParser(description="one muP/SP LR-transfer run")
-
-
-def arg(name, **kw):
-    parser.add_argument(f"--{name}", f"--{name.replace('-', '_')}", **kw) if "-" in name else \
-        parser.add_argument(f"--{name}", **kw)
-
-
-arg("width", type=int, default=64)
-arg("mode", choices=["sp", "mup"], default="mup")
-arg("lr-log2", type=float, default=0.0, help="log2 of the multiplier on all LRs")
-arg("output-mult", type=float, default=1.0, help="muP output multiplier (the second transferred HP)")
-arg("seed", type=int, default=0)
-arg("steps", type=int, default=80)
-arg("setup", choices=["muon", "adamw"], default="muon", help="matrix optimizer for hidden matrices")
-arg("depth", type=int, default=2)
-arg("head-dim", type=int, default=32)
-arg("batch-size", type=int, default=8)
-arg("seq-len", type=int, default=64)
-arg("base-width", type=int, default=64)
-arg("out", default="dev/transfer_lr.jsonl", help="results JSONL")
+parser = ArgParser(description="one muP/SP LR-transfer run")
+parser.add("--width", type=int, default=64, min=1)
+parser.add("--mode", choices=["sp", "mup"], default="mup")
+parser.add("--lr-log2", type=float, default=0.0, min=-60, max=60, help="log2 of the multiplier on all LRs")
+parser.add("--output-mult", type=float, default=1.0, above=0, help="muP output multiplier (the second transferred HP)")
+parser.add("--seed", type=int, default=0, min=0, max=2**63 - 1)
+parser.add("--steps", type=int, default=80, min=1)
+parser.add("--setup", choices=["muon", "adamw"], default="muon", help="matrix optimizer for hidden matrices")
+parser.add("--depth", type=int, default=2, min=1)
+parser.add("--head-dim", type=int, default=32, min=1)
+parser.add("--batch-size", type=int, default=8, min=1)
+parser.add("--seq-len", type=int, default=64, min=2)
+parser.add("--base-width", type=int, default=64, min=1)
+parser.add("--out", default="dev/transfer_lr.jsonl", path="outfile", help="results JSONL")
 args = parser.parse_args()
+if args.width % args.head_dim:  # n_head = width // head_dim: any other width would silently change the head dim
+    parser.error(f"--width={args.width} is not divisible by --head-dim={args.head_dim}: pick a multiple of it")
+
+from nanochat.transfer import append_row, read_rows, row_key, train_once  # noqa: E402  (imports torch)
 
 # -----------------------------------------------------------------------------------------------------
 # skip if done, else train and append

@@ -2,36 +2,63 @@
 Generate text from a trained run's checkpoint.
 
     python scripts/sample.py --run runs/base --prompt "ROMEO:" --max-tokens 100
+
+Exit codes: 0 done; 2 bad input (one line on stderr, checked before torch is imported); 3 the checkpoint's weights
+or the logits are not finite (one line).
 """
 
-import torch
+import math
+import sys
 
-from nanochat.checkpoint import load_model
 from nanochat.common import ArgParser
-from nanochat.tokenizer import Tokenizer
 
 parser = ArgParser(description="sample from a checkpoint")
-parser.add("--run", required=True, help="run directory written by base_train.py")
-parser.add("--step", type=int, default=None, help="checkpoint step (default: latest)")
+parser.add("--run", required=True, path="dir", fix="pass a run directory written by scripts/base_train.py",
+           help="run directory written by base_train.py")
+parser.add("--step", type=int, default=None, min=1, help="checkpoint step (default: latest)")
 parser.add("--prompt", default="", help="text to continue (default: start of a document)")
-parser.add("--max-tokens", type=int, default=100)
-parser.add("--temperature", type=float, default=0.8, help="0 = greedy")
-parser.add("--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
-parser.add("--num-samples", type=int, default=1)
-parser.add("--seed", type=int, default=42)
-parser.add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+parser.add("--max-tokens", type=int, default=100, min=1)
+parser.add("--temperature", type=float, default=0.8, min=0, help="0 = greedy")
+parser.add("--top-k", type=int, default=50, min=0, help="sample among the k most likely tokens (0 = all)")
+parser.add("--num-samples", type=int, default=1, min=1)
+parser.add("--seed", type=int, default=42, min=0, max=2**63 - 1)
+parser.add("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="auto: cuda if visible, else cpu")
 args = parser.parse_args()
-if args.max_tokens <= 0 or args.temperature < 0 or args.top_k < 0 or args.num_samples <= 0:
-    parser.error(f"--max-tokens={args.max_tokens}, --temperature={args.temperature}, --top-k={args.top_k}, "
-                 f"--num-samples={args.num_samples}: need max-tokens > 0, temperature >= 0, top-k >= 0, samples > 0")
+
+import torch  # noqa: E402  (the options are checked first: a bad one fails fast)
+
+from nanochat.checkpoint import load_model  # noqa: E402
+from nanochat.tokenizer import Tokenizer  # noqa: E402
+
+device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+if device == "cuda" and not torch.cuda.is_available():
+    parser.error("--device=cuda but no CUDA GPU is visible: use --device cpu")
+if device == "mps" and not torch.backends.mps.is_available():
+    parser.error("--device=mps but MPS is not available: use --device cpu")
 try:
-    model, meta = load_model(args.run, args.device, args.step)
+    model, meta = load_model(args.run, device, args.step)
     tokenizer = Tokenizer.load(meta["tokenizer_dir"])
 except (FileNotFoundError, ValueError) as e:
     parser.error(str(e))
+
+
+def non_finite(what):
+    print(f"{what}: not sampling (exit 3)", file=sys.stderr)
+    sys.exit(3)
+
+
+# base_train never saves non-finite weights, but a checkpoint may come from elsewhere
+worst = max(p.detach().abs().max().item() for p in model.parameters())
+if not math.isfinite(worst):
+    non_finite(f"{args.run} step {meta['step']}: the checkpoint holds non-finite weights")
 model.eval()
 ids = tokenizer.encode(args.prompt, prepend=tokenizer.get_bos_token_id())
 for i in range(args.num_samples):
-    out = model.generate(ids, args.max_tokens, args.temperature, args.top_k or None, seed=args.seed + i)
+    try:
+        out = model.generate(ids, args.max_tokens, args.temperature, args.top_k or None, seed=args.seed + i)
+    except RuntimeError as e:  # torch.multinomial refuses nan/inf probabilities
+        if "probability tensor" not in str(e):
+            raise
+        non_finite(f"{args.run} step {meta['step']}: non-finite logits while sampling")
     print(f"--- sample {i + 1} (step {meta['step']}) ---")
     print(tokenizer.decode(ids[1:] + out))

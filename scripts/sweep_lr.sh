@@ -22,17 +22,31 @@ LR0=${LR0:-0}
 HP=lr
 OUT=${OUT:-}
 SHARD="0/1"
+die() { echo "sweep_lr.sh: $1" >&2; exit 2; }
 while [[ $# -gt 0 ]]; do
+    [[ "$1" == --* && $# -ge 2 ]] || die "$1 needs a value (see the header of scripts/sweep_lr.sh)"
     case "$1" in
         --shard) SHARD="$2"; shift 2 ;;
         --setup) SETUP="$2"; shift 2 ;;
         --steps) STEPS="$2"; shift 2 ;;
         --out) OUT="$2"; shift 2 ;;
         --hp) HP="${2//_/-}"; shift 2 ;;
-        *) echo "sweep_lr.sh: unknown argument $1 (see the header of scripts/sweep_lr.sh)" >&2; exit 2 ;;
+        *) die "unknown argument $1 (see the header of scripts/sweep_lr.sh)" ;;
     esac
 done
+# every list and flag is checked before the first run, so a typo cannot fail a sweep halfway
+[[ "$SHARD" =~ ^[0-9]+/[0-9]+$ ]] || die "--shard $SHARD: pass i/N, e.g. --shard 0/2"
 SI=${SHARD%/*}; SN=${SHARD#*/}
+(( SN >= 1 && SI < SN )) || die "--shard $SHARD: need N >= 1 and 0 <= i < N, e.g. --shard 0/2"
+[[ "$SETUP" == muon || "$SETUP" == adamw ]] || die "--setup $SETUP: pass muon or adamw"
+[[ "$HP" == lr || "$HP" == output-mult ]] || die "--hp $HP: pass lr or output_mult"
+[[ -n "$OUT" && -d "$OUT" ]] && die "--out $OUT: is a directory: pass a .jsonl file path"
+int_list() { for v in $2; do [[ "$v" =~ ^[0-9]+$ && "$v" -ge $3 ]] || die "$1=\"$2\": $v is not an integer >= $3"; done; }
+num_list() { for v in $2; do [[ "$v" =~ ^-?[0-9]+(\.[0-9]+)?$ ]] || die "$1=\"$2\": $v is not a number like -1 or 0.5"; done; }
+int_list WIDTHS "$WIDTHS" 1; int_list SEEDS "$SEEDS" 0; int_list STEPS "$STEPS" 1; int_list BASE "$BASE" 1
+num_list LRS "$LRS"; num_list OMS "$OMS"; num_list LR0 "$LR0"
+for m in $MODES; do [[ "$m" == sp || "$m" == mup ]] || die "MODES=\"$MODES\": $m is not sp or mup"; done
+[[ -n "$WIDTHS" && -n "$SEEDS" && -n "$MODES" && -n "$LRS" && -n "$OMS" ]] || die "WIDTHS, SEEDS, MODES, LRS and OMS must not be empty"
 if [[ "$HP" == "output-mult" ]]; then
     OUT=${OUT:-dev/transfer_om_${SETUP}.jsonl}; GRID=$OMS; MODES=mup
 else

@@ -4,26 +4,25 @@ Train the BPE tokenizer on the train split of a data dir and save it (plus token
 Idempotent: reruns with the same arguments reuse the saved tokenizer.
 """
 
-import argparse
 import json
 import os
 import time
 
-from nanochat.common import atomic_write_text, get_base_dir
+from nanochat.common import ArgParser, atomic_write_text, get_base_dir
 from nanochat.dataset import iter_documents
-from nanochat.tokenizer import Tokenizer, tokenizer_dir
+from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer, tokenizer_dir
 
-parser = argparse.ArgumentParser(description="train the BPE tokenizer")
-parser.add_argument("--vocab-size", "--vocab_size", type=int, default=4096, help="including special tokens")
-parser.add_argument("--data-dir", "--data_dir", default=None, help="default: <base dir>/data/shakespeare")
-parser.add_argument("--max-chars", "--max_chars", type=int, default=2_000_000_000,
-                    help="train on at most this many chars of the train split")
-parser.add_argument("--out", default=None, help="default: <base dir>/tokenizer/default")
+parser = ArgParser(description="train the BPE tokenizer")
+parser.add("--vocab-size", type=int, default=4096, min=256 + len(SPECIAL_TOKENS),
+           help="including special tokens (256 byte tokens + specials at least)")
+parser.add("--data-dir", default=None, path="dir", fix="run `python -m nanochat.dataset shakespeare` or pass the "
+           "shards' directory", help="default: <base dir>/data/shakespeare")
+parser.add("--max-chars", type=int, default=2_000_000_000, min=1,
+           help="train on at most this many chars of the train split")
+parser.add("--out", default=None, path="out", help="default: <base dir>/tokenizer/default")
 args = parser.parse_args()
 data_dir = os.path.abspath(args.data_dir or os.path.join(get_base_dir(), "data", "shakespeare"))
 out = args.out or tokenizer_dir()
-if args.max_chars <= 0:
-    parser.error(f"--max-chars={args.max_chars} must be positive")
 
 meta = {"data_dir": data_dir, "vocab_size": args.vocab_size, "max_chars": args.max_chars}
 meta_path = os.path.join(out, "meta.json")
@@ -50,8 +49,8 @@ else:
     t0 = time.time()
     try:
         tok = Tokenizer.train_from_iterator(text_iterator(), args.vocab_size)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except (FileNotFoundError, ValueError) as e:  # no or too few shards: bad input, exit 2
+        parser.error(" ".join(str(e).split()))
     print(f"trained a {tok.get_vocab_size()} token vocab in {time.time() - t0:.2f}s")
     if tok.get_vocab_size() < args.vocab_size:
         print(f"note: the text ran out of merges before --vocab-size={args.vocab_size}: use more text")

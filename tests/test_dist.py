@@ -2,6 +2,7 @@
 the non-finite guard, and bad inputs that must fail in one line before anything is written."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -45,11 +46,42 @@ def test_sharded_ranks_match_one_process_accumulating(corpus, tmp_path, world, e
     one_losses = [m["train_loss"] for m in metrics(tmp_path / "one")]
     assert len(dist_losses) == 20
     assert torch.allclose(torch.tensor(dist_losses), torch.tensor(one_losses), rtol=1e-5, atol=0)
+    if world == 2:  # elastic resume both ways: the other run's step-10 checkpoint, continued on this world size
+        assert_elastic_resume(corpus, tmp_path, "ddp", "one", 1, common)  # 2 sharded ranks -> 1 process
+        assert_elastic_resume(corpus, tmp_path, "one", "ddp", 2, common)  # 1 process -> 2 sharded ranks
     assert sorted(os.listdir(tmp_path / "ddp" / "checkpoints" / "step_000020")) == sorted(
         ["meta.json", "model.pt"] + [f"{f}_rank{r}.pt" for f in ("loader", "rng", "optim") for r in range(world)])
     a, b = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "one")
     for k in a:  # relative to the tensor's norm: elementwise, entries near 0 would ask for more than fp32 gives
         assert (a[k] - b[k]).norm() <= 1e-5 * b[k].norm(), k
+
+
+def assert_elastic_resume(corpus, tmp_path, src, ref, nproc, common, extra=()):
+    """Resume run `src` from its step-10 checkpoint with `nproc` processes; its losses from step 11 on must match
+    run `ref`, which ran with `nproc` processes from the start, as closely as N-vs-1 runs match (1e-5 relative)."""
+    out = tmp_path / f"{src}_on_{nproc}"
+    shutil.copytree(tmp_path / src, out)
+    shutil.rmtree(out / "checkpoints" / "step_000020")
+    r = train(corpus, out, *common, *extra, "--resume", nproc=nproc)
+    assert "resumed from step 10" in r.stdout + r.stderr and "processes, now" in r.stdout + r.stderr
+    got, want = ([m["train_loss"] for m in metrics(d)] for d in (out, tmp_path / ref))
+    assert len(got) == 20
+    diff = max(abs(a - b) for a, b in zip(got[10:], want[10:]))
+    print(f"elastic resume {src} -> {nproc} processes vs {ref}: max |loss diff| steps 11-20 = {diff:.3g}")
+    assert torch.allclose(torch.tensor(got[10:]), torch.tensor(want[10:]), rtol=1e-5, atol=0)
+
+
+def test_elastic_resume_3_sharded_ranks_on_2_sharded(corpus, tmp_path):
+    # 3 streams of 4 sequences a step over 2 ranks of 6: rank 0 reads stream 0 and the first half of stream 1,
+    # rank 1 the rest of stream 1 and stream 2 (a stream split between ranks); the 3 optimizer shards (Muon
+    # stacks padded to a multiple of 3) are re-cut into 2 (padded to a multiple of 2). Reference: 2 ranks with
+    # the same 3 streams from the start. (Replicated on either side: the 2 -> 1 and 1 -> 2 cases above.)
+    common = ["--num-iterations", "20", "--eval-every", "0", "--data-streams", "3", "--total-batch-size", "384",
+              "--weight-decay", "0.1", "--save-every", "10", "--scalar-lr", "0"]  # frozen scalars: see above
+    on2 = ["--device-batch-size", "6"]
+    train(corpus, tmp_path / "three", *common, nproc=3)
+    train(corpus, tmp_path / "two", *common, *on2, nproc=2)
+    assert_elastic_resume(corpus, tmp_path, "three", "two", 2, common, on2)
 
 
 def test_sigkill_then_resume_is_bit_identical(corpus, tmp_path):
@@ -87,6 +119,33 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
     assert lines[0].startswith("step 5: non-finite loss nan") and "checkpoint: step 4" in lines[0]
     assert sorted(os.listdir(out / "checkpoints")) == ["step_000002", "step_000004"]
     assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+
+
+# (1, loss) is test_non_finite_loss_stops_and_keeps_last_good_checkpoint; weights: the update of the LAST step
+@pytest.mark.parametrize("nproc, into, step", [(2, "loss", 3), (1, "weights", 4), (2, "weights", 4)])
+def test_non_finite_guard_single_and_torchrun(corpus, tmp_path, nproc, into, step):
+    out = tmp_path / "run"
+    r = train(corpus, out, "--num-iterations", "4", "--eval-every", "0", "--save-every", "2",
+              "--debug-inject-nan-step", str(step), "--debug-inject-nan-into", into, nproc=nproc, check=False)
+    lines = [line for line in r.stderr.splitlines() if "non-finite" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"step {step}: non-finite ") and "checkpoint: step 2" in lines[0]
+    if nproc == 1:
+        assert r.returncode == 3 and lines[0] == r.stderr.splitlines()[-1], r.stderr
+    else:  # every rank exits 3; torchrun itself exits 1 and names the first failure
+        assert r.returncode != 0 and re.search(r"exitcode\s*: 3", r.stderr), r.stderr[-3000:]
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_000002"]
+    assert [m["step"] for m in metrics(out)] == list(range(1, step))  # the bad step is neither logged nor saved
+    w = final_weights(out)
+    assert all(torch.isfinite(t).all() for t in w.values())
+
+
+def test_an_overflowing_update_stops_before_anything_uses_it(corpus, tmp_path):
+    # the issue's `--embedding-lr inf --num-iterations 1`, with a finite but float32-overflowing LR (inf is exit 2)
+    out = tmp_path / "run"
+    r = train(corpus, out, "--num-iterations", "1", "--embedding-lr", "1e38", check=False)
+    lines = [line for line in r.stderr.splitlines() if "step 1:" in line]
+    assert r.returncode == 3 and len(lines) == 1 and "overflows float32" in lines[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "sample:" not in r.stdout and not (out / "checkpoints").exists()
 
 
 # -----------------------------------------------------------------------------
@@ -139,9 +198,11 @@ BAD = [
     ("other vocab", ["--resume", "--tokenizer-dir", "{tok280}"], None, "run",
      "vocab_size=300 in the checkpoint but vocab_size=280"),
     ("other width", ["--resume", "--n-embd", "64"], None, "run", "n_embd=32 in the checkpoint but n_embd=64"),
-    ("other world size", ["--resume"], TORCHRUN_RANK0, "run", "world_size=1, this run world_size=2"),
+    # the checkpoint's global batch (4 sequences) cannot be split over 2 processes x 4 sequences
+    ("other world size", ["--resume"], TORCHRUN_RANK0, "run", "the checkpoint's 128 tokens is not divisible by "
+     "device_batch_size*sequence_len*world_size = 4*32*2 = 256: use --device-batch-size 2"),
     ("other streams", ["--resume", "--data-streams", "2", "--total-batch-size", "256"], None, "run",
-     "data_streams=1, this run data_streams=2"),
+     "the checkpoint has 1 data streams, this run --data-streams=2"),
 ]
 
 

@@ -10,6 +10,7 @@ key (setup, mode, width, lr_log2, output_mult, seed, steps, depth, head_dim, B, 
 import argparse
 import time
 
+from nanochat.coord_check import build_model
 from nanochat.transfer import append_row, read_rows, row_key, train_once
 
 # -----------------------------------------------------------------------------------------------------
@@ -35,8 +36,14 @@ arg("head-dim", type=int, default=32)
 arg("batch-size", type=int, default=8)
 arg("seq-len", type=int, default=64)
 arg("base-width", type=int, default=64)
+arg("base-depth", type=int, default=0, help="depth the base was tuned at (0 = --depth; another depth is refused)")
 arg("out", default="dev/transfer_lr.jsonl", help="results JSONL")
 args = parser.parse_args()
+try:  # refuse, with one line, a target the parametrization does not cover (GPTConfig's check)
+    build_model(args.width, args.mode == "mup", args.base_width, args.head_dim, args.depth, device="meta",
+                base_depth=args.base_depth)
+except ValueError as e:
+    parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 # -----------------------------------------------------------------------------------------------------
 # skip if done, else train and append
@@ -50,7 +57,7 @@ if row_key(key) in {row_key(r) for r in read_rows(args.out)}:
 t0 = time.time()
 row = train_once(width=args.width, mode=args.mode, lr_log2=args.lr_log2, seed=args.seed, steps=args.steps,
                  setup=args.setup, output_mult=args.output_mult, depth=args.depth, head_dim=args.head_dim,
-                 B=args.batch_size, T=args.seq_len, base_width=args.base_width)
+                 B=args.batch_size, T=args.seq_len, base_width=args.base_width, base_depth=args.base_depth)
 row["wall_s"] = round(time.time() - t0, 2)
 append_row(args.out, row)
 print(f"{args.setup} {args.mode} w={args.width} lr_log2={args.lr_log2:+g} om={args.output_mult:g} seed={args.seed}: "

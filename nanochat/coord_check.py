@@ -301,7 +301,7 @@ def shape_slopes(slopes, mode="mup"):
 ADAMW_KINDS = ("embedding", "readout", "scalar")
 
 
-def expected_slope(quantity, shapes, matrix_optimizer="muon", step=1):
+def expected_slope(quantity, shapes, matrix_optimizer="muon", step=1, decay=False):
     """Theory slope of log2(size) vs log2(width) under muP (derivation in muP_changes.md): a float, a (lo, hi)
     range, or None = not predicted. `shapes`: `shape_slopes`, i.e. (s_out, s_in) per kind and head_dim's slope.
 
@@ -316,7 +316,8 @@ def expected_slope(quantity, shapes, matrix_optimizer="muon", step=1):
     dW entries = ||dW||_2 * sqrt(stable rank) / sqrt(fo*fi): -s_in if the update's rank is fixed by the batch,
     -s_in + 0.5*min(s_out, s_in) if it is full rank. AdamW (LR eta/r_in): dW entries -s_in; spectral norms are
     reported, not asserted (0 only in the infinite-width low-rank limit). Embedding, readout (1/m in the forward),
-    scalars: AdamW with constant LR: entries 0."""
+    scalars: AdamW with constant LR: entries 0. With weight decay (`decay`) a matrix's dW also holds -lr*wd*W,
+    whose entries follow W's (lr*wd is width-invariant): dW entries then lie between the two."""
     stat, _, kind = quantity.partition("/")
     if stat in ("loss", "dw_srank", "shape"):
         return None
@@ -337,13 +338,14 @@ def expected_slope(quantity, shapes, matrix_optimizer="muon", step=1):
     zero_init = kind.endswith("c_proj")
     w_init = -0.5 * s_in + 0.5 * min(0.0, s_out - s_in)
     spec = 0.5 * (s_out - s_in)
-    if kind in ADAMW_KINDS or matrix_optimizer == "adamw":
-        if stat == "dw_rms" or (stat == "w_rms" and zero_init and step > 0):
-            return -s_in
-        return w_init if stat == "w_rms" else spec if stat in ("dw_spec", "w_spec") else 0.0
-    dw_entries = (-s_in, -s_in + 0.5 * min(s_out, s_in))
+    adamw = kind in ADAMW_KINDS or matrix_optimizer == "adamw"
+    dw_entries = (-s_in, -s_in) if adamw else (-s_in, -s_in + 0.5 * min(s_out, s_in))
+    if stat == "dw_rms" and decay and kind != "embedding":  # the embedding is never decayed
+        dw_entries = (min(dw_entries[0], w_init), max(dw_entries[1], w_init))
     if stat == "dw_rms" or (stat == "w_rms" and zero_init and step > 0):
-        return dw_entries
+        return dw_entries[0] if dw_entries[0] == dw_entries[1] else dw_entries
+    if adamw:
+        return w_init if stat == "w_rms" else spec if stat in ("dw_spec", "w_spec") else 0.0
     if stat == "w_rms":
         return w_init
     if stat == "dw_spec":
@@ -376,7 +378,7 @@ def fmt_expected(e):
     return f"{e[0]:+.1f}..{e[1]:+.1f}" if isinstance(e, tuple) else f"{e:+.2f}"
 
 
-def slope_table(slopes, matrix_optimizer="muon", steps=None, printer=print):
+def slope_table(slopes, matrix_optimizer="muon", steps=None, printer=print, decay=False):
     """Rows (mode, quantity, step, expected, measured, check). muP: PASS/FAIL against theory. SP:
     SP-FAIL where it deviates from the muP expectation by >= 0.3 (the check can fail), else ok."""
     rows = []
@@ -384,7 +386,7 @@ def slope_table(slopes, matrix_optimizer="muon", steps=None, printer=print):
     for (mode, q, step), s in sorted(slopes.items(), key=lambda kv: (kv[0][0] != "sp", kv[0][1], kv[0][2])):
         if q == "loss" or q.startswith("shape/") or (steps is not None and step not in steps):
             continue
-        exp = expected_slope(q, shapes, matrix_optimizer, step)
+        exp = expected_slope(q, shapes, matrix_optimizer, step, decay)
         if s is None or exp is None:
             check = "n/a"
         elif mode == "mup" and not asserted(q, matrix_optimizer):

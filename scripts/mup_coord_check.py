@@ -97,7 +97,7 @@ for setup in args.setups.split(","):
                            **model_kw)
     slopes = fit_slopes(recs)
     steps = [s for s in args.table_steps if s <= args.steps]
-    rows = slope_table(slopes, setup, steps=steps)
+    rows = slope_table(slopes, setup, steps=steps, decay=args.weight_decay > 0)
     mup = [r for r in rows if r["mode"] == "mup" and r["check"] in ("PASS", "FAIL")]
     sp_blows = [r for r in rows if r["mode"] == "sp" and r["step"] >= 1 and r["check"] == "SP-FAIL"]
     act = [r for r in mup if r["quantity"].startswith("act/") and r["step"] >= 1]

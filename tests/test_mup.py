@@ -66,7 +66,7 @@ SP_SIGNALS = ("act/logits", "act/target_logit", "act/emb_rel_change")
 
 def coord_rows(setup, widths, steps, seeds, **kw):
     recs = run_coord_check(widths, steps=steps, seeds=seeds, matrix_optimizer=setup, log=None, **kw)
-    return slope_table(fit_slopes(recs), setup, printer=None)
+    return slope_table(fit_slopes(recs), setup, printer=None, decay=kw.get("weight_decay", 0) > 0)
 
 
 def check_coord_rows(rows, min_step=3, act_tol=0.1, upd_tol=0.15):
@@ -115,11 +115,14 @@ def test_expected_slopes_table():
     gqa = {**mha, "attn.c_k": (0.0, 1.0), "attn.c_v": (0.0, 1.0)}
     assert expected_slope("dw_spec/attn.c_k", gqa, "muon") == -0.5
     assert expected_slope("w_rms/attn.c_v", gqa, "adamw", step=0) == -1.0
-    assert expected_slope("dw_rms/attn.c_k", gqa, "muon") == (-1.0, -1.0)
+    assert expected_slope("dw_rms/attn.c_k", gqa, "muon") == -1.0  # rank <= fixed fan_out: exactly 1/fan_in
     assert expected_slope("act/h0.attn.c_v", gqa, step=0) == -0.5 and expected_slope("act/h0.attn.c_v", gqa) == (-0.5, 0)
     assert expected_slope("act/h1.attn.c_proj", gqa, step=4) == (-0.5, 0.0)  # carries v
     # width through head_dim: 1/d attention scores start at d^-1/2 (independent q, k)
     assert expected_slope("act/h0.attn.logits", {**mha, "head_dim": 1.0}, step=0) == -0.5
+    # weight decay adds -lr*wd*W to dW: entries between the update's and W's
+    assert expected_slope("dw_rms/mlp.c_fc", mha, "adamw", decay=True) == (-1.0, -0.5)
+    assert expected_slope("dw_rms/embedding", mha, "adamw", decay=True) == 0.0
 
 
 # GQA with one kv head (c_k / c_v output-like) on Muon, and width through head_dim (2 heads, 1 kv head) on AdamW,

@@ -115,7 +115,7 @@ class GPTConfig:
         if self.n_embd != base.n_embd or not self.use_mup:
             return self
         kv = 2 * base.n_kv_head if self.n_kv_head == self.n_head else base.n_kv_head
-        return replace(base, n_embd=2 * base.n_embd, n_head=2 * base.n_head, n_kv_head=kv, mup_base_width=base.n_embd)
+        return replace(base, n_embd=2 * base.n_embd, n_head=2 * base.n_head, n_kv_head=kv)
 
     @property
     def head_dim(self):

@@ -21,6 +21,7 @@ from nanochat.coord_check import (
     deviation,
     fit_slopes,
     muon_step_spectral,
+    param_kind,
     plot_coord_check,
     run_coord_check,
     shape_slopes,
@@ -66,24 +67,21 @@ except ValueError as e:
 # -----------------------------------------------------------------------------------------------------
 # one Muon step per matrix: ||dW||_2 vs sqrt(fan_out / fan_in) across widths (muP rules)
 
-spec = {}
+spec, fan_ratio = {}, {}
 for width in args.widths:
     model = build_model(width, True, base_width, **model_kw)
+    for name, s in model.param_shapes().items():
+        if s["role"] == "matrix":
+            fan_ratio.setdefault(param_kind(name, "matrix"), {})[width] = s["fan_out"] / s["fan_in"]
     for kind, v in muon_step_spectral(model, model.setup_optimizer(matrix_optimizer="muon")).items():
         spec.setdefault(kind, []).append(v)
-shapes = {}
-for width in args.widths:
-    for name, s in build_model(width, True, base_width, device="meta", **model_kw).param_shapes().items():
-        if s["role"] == "matrix":
-            shapes.setdefault(name.split(".", 3)[3].rsplit(".", 1)[0], {})[width] = (s["fan_out"], s["fan_in"])
 muon_step = {}
 lw = np.log2(args.widths)
 for kind, norms in spec.items():
-    want = [0.5 * np.log2(shapes[kind][w][0] / shapes[kind][w][1]) for w in args.widths]
-    muon_step[kind] = dict(measured=float(np.polyfit(lw, np.log2(norms), 1)[0]), expected=float(np.polyfit(lw, want, 1)[0]),
-                           dw_spec_over_lr=norms)
-    print(f"muon step ||dW||_2 {kind:<12} slope {muon_step[kind]['measured']:+.3f} "
-          f"(sqrt(fan_out/fan_in): {muon_step[kind]['expected']:+.3f})")
+    measured = float(np.polyfit(lw, np.log2(norms), 1)[0])
+    expected = float(np.polyfit(lw, [0.5 * np.log2(fan_ratio[kind][w]) for w in args.widths], 1)[0])
+    muon_step[kind] = dict(measured=measured, expected=expected, dw_spec_over_lr=norms)
+    print(f"muon step ||dW||_2 {kind:<12} slope {measured:+.3f} (sqrt(fan_out/fan_in): {expected:+.3f})")
 
 # -----------------------------------------------------------------------------------------------------
 # coordinate check: run, fit, print, save

@@ -23,7 +23,7 @@ import tempfile
 import numpy as np
 import torch
 
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT, GPTConfig, apply_rotary, norm
 
 # -----------------------------------------------------------------------------------------------------
 # data: Shakespeare bytes
@@ -82,11 +82,18 @@ def byte_batches(data, B, T, n, seed=0, split="train", device="cpu"):
 # models
 
 
-def build_model(width, mup, base_width=64, head_dim=32, depth=2, seq_len=64, seed=0, output_mult=1.0, device="cpu"):
-    """A byte-level GPT of the given width; muP with `base_width` when `mup`, else SP."""
-    cfg = GPTConfig(sequence_len=seq_len, vocab_size=VOCAB, n_layer=depth, n_head=width // head_dim,
-                    n_kv_head=width // head_dim, n_embd=width, mup_base_width=base_width if mup else 0,
-                    output_mult=output_mult)
+def build_model(width, mup, base_width=64, head_dim=32, depth=2, seq_len=64, seed=0, output_mult=1.0, device="cpu",
+                n_kv_head=0, n_head=0, base_depth=0):
+    """A byte-level GPT of the given width; muP with `base_width` when `mup`, else SP.
+
+    Width grows through heads (head_dim fixed) unless `n_head` > 0 fixes the number of heads (width grows through
+    head_dim; the base's head_dim is then base_width / n_head). `n_kv_head`: 0 = MHA, k = k kv heads at every
+    width (GQA with fixed kv heads, the base too). `base_depth` != depth is refused by GPTConfig."""
+    heads = n_head or width // head_dim
+    base_hd = base_width // n_head if n_head else head_dim
+    base = dict(mup_base_width=base_width, mup_base_head_dim=base_hd, mup_base_n_layer=base_depth) if mup else {}
+    cfg = GPTConfig(sequence_len=seq_len, vocab_size=VOCAB, n_layer=depth, n_head=heads, n_kv_head=n_kv_head or heads,
+                    n_embd=width, output_mult=output_mult, **base)
     with torch.device("meta"):
         model = GPT(cfg)
     model.to_empty(device=device)
@@ -96,11 +103,20 @@ def build_model(width, mup, base_width=64, head_dim=32, depth=2, seq_len=64, see
 
 
 def param_kind(name, role):
-    """Group name for weight/update statistics: role, and for hidden matrices the module type."""
-    if role != "hidden":
+    """Group name for weight/update statistics: the role, or for block matrices the module (e.g. attn.c_k)."""
+    if role != "matrix":
         return role
     parts = name.split(".")  # transformer.h.{i}.{attn|mlp}.{c_q|...}.weight
-    return f"hidden.{parts[3]}.{parts[4]}"
+    return f"{parts[3]}.{parts[4]}"
+
+
+def shape_records(model):
+    """Step-0 quantities whose slopes vs width are the theory's inputs: fan_out / fan_in per kind, head_dim."""
+    out = {"shape/head_dim": model.config.head_dim}
+    for name, s in model.param_shapes().items():
+        kind = param_kind(name, s["role"])
+        out[f"shape/fan_out.{kind}"], out[f"shape/fan_in.{kind}"] = s["fan_out"], s["fan_in"]
+    return out
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -109,6 +125,19 @@ def param_kind(name, role):
 
 def rms(t):
     return t.float().pow(2).mean().sqrt().item()
+
+
+def attention_logits(model, q, k):
+    """RMS of the pre-softmax attention scores scale * q.k over causal pairs, from c_q / c_k outputs (B, T, C)."""
+    cfg = model.config
+    B, T, _ = q.shape
+    cos, sin = model.cos[:, :T], model.sin[:, :T]
+    q = norm(apply_rotary(q.view(B, T, cfg.n_head, cfg.head_dim), cos, sin)).transpose(1, 2)
+    k = norm(apply_rotary(k.view(B, T, cfg.n_kv_head, cfg.head_dim), cos, sin)).transpose(1, 2)
+    k = k.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * cfg.attn_scale
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    return scores[..., causal].float().pow(2).mean().sqrt().item()
 
 
 @torch.no_grad()
@@ -129,6 +158,8 @@ def measure_activations(model, x, y, emb0=None):
     for h in hooks:
         h.remove()
     stats = {f"act/{k}": rms(v) for k, v in outs.items() if k not in ("wte", "lm_head")}
+    for li in range(len(model.transformer.h)):
+        stats[f"act/h{li}.attn.logits"] = attention_logits(model, outs[f"h{li}.attn.c_q"], outs[f"h{li}.attn.c_k"])
     stats["act/wte"] = rms(outs["wte"])
     # logits after the muP multiplier, before the softcap (the hook sees the raw lm_head output)
     z = outs["lm_head"].float() * model.config.logit_mult
@@ -145,19 +176,19 @@ def measure_activations(model, x, y, emb0=None):
 
 @torch.no_grad()
 def measure_weights(model, before=None):
-    """Per parameter kind (mean over layers): entry RMS and, for hidden matrices, spectral norm of W and of
+    """Per parameter kind (mean over layers): entry RMS and, for block matrices, spectral norm of W and of
     its last update Delta W = W - before, the update's stable rank and the spectral ratio ||Delta W||_2 / ||W||_2."""
     acc = {}
     for name, role in model.param_roles().items():
         p = model.get_parameter(name).detach().float()
         kind = param_kind(name, role)
         vals = {"w_rms": rms(p)}
-        if role == "hidden":
+        if role == "matrix":
             vals["w_spec"] = torch.linalg.matrix_norm(p, ord=2).item()
         if before is not None:
             d = p - before[name]
             vals["dw_rms"] = rms(d)
-            if role == "hidden":
+            if role == "matrix":
                 vals["dw_spec"] = torch.linalg.matrix_norm(d, ord=2).item()
                 # stable rank ||dW||_F^2 / ||dW||_2^2: explains the entry-RMS slope of rank-limited updates
                 vals["dw_srank"] = (d.norm() ** 2).item() / max(vals["dw_spec"] ** 2, 1e-30)
@@ -168,18 +199,19 @@ def measure_weights(model, before=None):
 
 
 def run_one(width, mup, steps=10, seed=0, matrix_optimizer="muon", base_width=64, head_dim=32, depth=2,
-            B=8, T=64, data=None, lr_mult=1.0, device="cpu"):
+            B=8, T=64, data=None, lr_mult=1.0, weight_decay=0.0, n_kv_head=0, n_head=0, device="cpu"):
     """Train `steps` real optimizer steps (the model's own setup_optimizer) and measure after each.
-    Returns {step: {quantity: value}}; step 0 is the init."""
+    Returns {step: {quantity: value}}; step 0 is the init (and the shapes)."""
     data = load_text_bytes() if data is None else data
-    model = build_model(width, mup, base_width, head_dim, depth, T, seed, device=device)
-    opt = model.setup_optimizer(matrix_optimizer=matrix_optimizer)
+    model = build_model(width, mup, base_width, head_dim, depth, T, seed, device=device, n_kv_head=n_kv_head,
+                        n_head=n_head)
+    opt = model.setup_optimizer(matrix_optimizer=matrix_optimizer, weight_decay=weight_decay)
     for g in opt.param_groups:
         g["lr"] = g["base_lr"] = g["base_lr"] * lr_mult
     train = byte_batches(data, B, T, steps, seed=1000 + seed, split="train", device=device)
     xe, ye = byte_batches(data, B, T, 1, seed=12345, split="val", device=device)[0]  # same eval batch for all runs
     acts, emb0 = measure_activations(model, xe, ye)
-    out = {0: {**acts, **measure_weights(model)}}
+    out = {0: {**acts, **measure_weights(model), **shape_records(model)}}
     for step, (x, y) in enumerate(train, start=1):
         before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
         loss = model(x, y)
@@ -209,6 +241,26 @@ def run_coord_check(widths, modes=("sp", "mup"), steps=10, seeds=(0, 1, 2), matr
     return recs
 
 
+@torch.no_grad()
+def muon_step_spectral(model, opt, seed=0):
+    """||Delta W||_2 / lr of one optimizer step on a seeded Gaussian gradient, per block-matrix kind (mean over
+    layers). The spectral condition (Yang, Simon & Bernstein 2023) wants it to scale like sqrt(fan_out/fan_in)
+    across widths; a Gaussian gradient is full rank, so this isolates the optimizer's rule from the data."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g).to(p.device)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lrs = {n: grp["lr"] for grp in opt.param_groups for n in grp["names"]}
+    opt.step()
+    model.zero_grad(set_to_none=True)
+    acc = {}
+    for name, role in model.param_roles().items():
+        if role == "matrix":
+            d = model.get_parameter(name).detach().float() - before[name].float()
+            acc.setdefault(param_kind(name, role), []).append(torch.linalg.matrix_norm(d, ord=2).item() / lrs[name])
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
 # -----------------------------------------------------------------------------------------------------
 # slopes and their theory
 
@@ -230,41 +282,84 @@ def fit_slopes(recs):
     return slopes
 
 
-def expected_slope(quantity, mode="mup", matrix_optimizer="muon", step=1):
-    """Theory slope of log2(size) vs log2(width) under muP (derivation in muP_changes.md): a float, a (lo, hi)
-    range where theory depends on the update's rank, or None = not predicted.
+def shape_slopes(slopes, mode="mup"):
+    """{kind: (s_out, s_in)} and {'head_dim': s}: how each fan (and head_dim) grows with width, from the
+    fitted slopes of the shape/ records (1 = proportional to width, 0 = fixed)."""
+    out = {}
+    for (m, q, step), s in slopes.items():
+        if m != mode or step != 0 or not q.startswith("shape/"):
+            continue
+        stat, _, kind = q[len("shape/"):].partition(".")
+        if stat == "head_dim":
+            out["head_dim"] = round(s, 6)
+        else:
+            pair = out.setdefault(kind, [0.0, 0.0])
+            pair[0 if stat == "fan_out" else 1] = round(s, 6)
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in out.items()}
 
-    Activations, logits, target logit, embedding relative change: 0 (TP5 Desiderata J.1).
-    Embedding, readout, scalars on AdamW with width-constant LR: entries 0 (readout's 1/m is in the forward).
-    Hidden on Muon: ||Delta W||_2 ~ lr (the spectral condition, Yang, Simon & Bernstein 2023), ||W||_2 O(1) and
-    their ratio: 0. Entries of Delta W = spectral * sqrt(stable rank) / sqrt(fan_in * fan_out): -0.5 if the
-    update is full rank (rank ~ d), -1 if its rank is fixed by the batch (B*T tokens, rank << d): (-1, -0.5).
-    W entries: -0.5 (init 1/sqrt(fan_in) dominates), zero-init c_proj is a sum of updates: (-1, -0.5).
-    Hidden on AdamW with LR lr/m: Delta W entries -1 (TP5 Table 3); W entries -0.5 (init) or -1 (zero-init
-    c_proj); spectral norms 0 only in the infinite-width (low-rank) limit: reported, not asserted."""
+
+ADAMW_KINDS = ("embedding", "readout", "scalar")
+
+
+def expected_slope(quantity, shapes, matrix_optimizer="muon", step=1, decay=False):
+    """Theory slope of log2(size) vs log2(width) under muP (derivation in muP_changes.md): a float, a (lo, hi)
+    range, or None = not predicted. `shapes`: `shape_slopes`, i.e. (s_out, s_in) per kind and head_dim's slope.
+
+    Activations, logits, target logit, embedding relative change: 0 (TP5 Desiderata J.1). The output of an
+    output-class matrix (fan_in grows, fan_out fixed: c_k/c_v with fixed kv heads) starts at 0.5*(s_out - s_in)
+    (init std ~1/fan_in, TP5 Table 3) and the attention scores at -0.5*s_head_dim (1/d on independent q, k);
+    once updates dominate both are O(1), so after step 0 the range (init slope, 0); attention's c_proj output
+    (zero init) carries v and inherits c_v's range.
+    Weights (init std ~ fan_in^-1/2 * min(1, r_out/r_in)^1/2): entries -0.5 s_in + 0.5 min(0, s_out - s_in).
+    Muon: ||dW||_2 0.5*(s_out - s_in) (spectral condition, Yang, Simon & Bernstein 2023); ||W||_2 the same for
+    hidden matrices, between that and (s_out - s_in) for output ones (||W0||_2 ~ std*(sqrt(fo) + sqrt(fi)));
+    dW entries = ||dW||_2 * sqrt(stable rank) / sqrt(fo*fi): -s_in if the update's rank is fixed by the batch,
+    -s_in + 0.5*min(s_out, s_in) if it is full rank. AdamW (LR eta/r_in): dW entries -s_in; spectral norms are
+    reported, not asserted (0 only in the infinite-width low-rank limit). Embedding, readout (1/m in the forward),
+    scalars: AdamW with constant LR: entries 0. With weight decay (`decay`) a matrix's dW also holds -lr*wd*W,
+    whose entries follow W's (lr*wd is width-invariant): dW entries then lie between the two."""
     stat, _, kind = quantity.partition("/")
-    if stat in ("loss", "dw_srank"):
+    if stat in ("loss", "dw_srank", "shape"):
         return None
     if stat == "act":
+        name = kind.split(".", 1)[1] if kind.startswith("h") and "." in kind else kind
+        if name == "attn.logits":
+            init = -0.5 * shapes.get("head_dim", 0.0)
+        elif name in shapes:
+            # attention's out-projection carries v, so it starts as small as c_v's output
+            s_out, s_in = shapes["attn.c_v" if name == "attn.c_proj" else name]
+            init = 0.5 * min(0.0, s_out - s_in)
+        else:
+            init = 0.0
+        return init if step == 0 or init == 0 else (init, 0.0)
+    if kind in ("readout", "scalar"):
         return 0.0
-    if not kind.startswith("hidden"):
-        return 0.0
+    s_out, s_in = shapes[kind]
     zero_init = kind.endswith("c_proj")
-    if matrix_optimizer == "muon":
-        if stat == "dw_rms" or (stat == "w_rms" and zero_init and step > 0):
-            return (-1.0, -0.5)
-        return {"w_rms": -0.5, "w_spec": 0.0, "dw_spec": 0.0, "cond": 0.0}[stat]
-    if stat == "dw_rms":
-        return -1.0
+    w_init = -0.5 * s_in + 0.5 * min(0.0, s_out - s_in)
+    spec = 0.5 * (s_out - s_in)
+    adamw = kind in ADAMW_KINDS or matrix_optimizer == "adamw"
+    dw_entries = (-s_in, -s_in) if adamw else (-s_in, -s_in + 0.5 * min(s_out, s_in))
+    if stat == "dw_rms" and decay and kind != "embedding":  # the embedding is never decayed
+        dw_entries = (min(dw_entries[0], w_init), max(dw_entries[1], w_init))
+    if stat == "dw_rms" or (stat == "w_rms" and zero_init and step > 0):
+        return dw_entries[0] if dw_entries[0] == dw_entries[1] else dw_entries
+    if adamw:
+        return w_init if stat == "w_rms" else spec if stat in ("dw_spec", "w_spec") else 0.0
     if stat == "w_rms":
-        return -1.0 if zero_init and step > 0 else -0.5
-    return 0.0
+        return w_init
+    if stat == "dw_spec":
+        return spec
+    gap = 0.5 * abs(s_out - s_in)  # output-class ||W0||_2 carries the extra sqrt(fan_out) * std term
+    if stat == "w_spec":
+        return spec if gap == 0 else (spec - gap, spec)
+    return 0.0 if gap == 0 else (0.0, gap)  # cond = ||dW||_2 / ||W||_2
 
 
 def asserted(quantity, matrix_optimizer="muon"):
     """Whether a muP slope is checked (PASS/FAIL) or only reported (info)."""
     stat, _, kind = quantity.partition("/")
-    return not (matrix_optimizer == "adamw" and kind.startswith("hidden") and stat in ("dw_spec", "cond", "w_spec"))
+    return not (matrix_optimizer == "adamw" and kind not in ADAMW_KINDS and stat in ("dw_spec", "cond", "w_spec"))
 
 
 def tolerance(quantity):
@@ -283,14 +378,15 @@ def fmt_expected(e):
     return f"{e[0]:+.1f}..{e[1]:+.1f}" if isinstance(e, tuple) else f"{e:+.2f}"
 
 
-def slope_table(slopes, matrix_optimizer="muon", steps=None, printer=print):
+def slope_table(slopes, matrix_optimizer="muon", steps=None, printer=print, decay=False):
     """Rows (mode, quantity, step, expected, measured, check). muP: PASS/FAIL against theory. SP:
     SP-FAIL where it deviates from the muP expectation by >= 0.3 (the check can fail), else ok."""
     rows = []
+    shapes = shape_slopes(slopes)
     for (mode, q, step), s in sorted(slopes.items(), key=lambda kv: (kv[0][0] != "sp", kv[0][1], kv[0][2])):
-        if q == "loss" or (steps is not None and step not in steps):
+        if q == "loss" or q.startswith("shape/") or (steps is not None and step not in steps):
             continue
-        exp = expected_slope(q, mode, matrix_optimizer, step)
+        exp = expected_slope(q, shapes, matrix_optimizer, step, decay)
         if s is None or exp is None:
             check = "n/a"
         elif mode == "mup" and not asserted(q, matrix_optimizer):
@@ -325,22 +421,27 @@ def plot_coord_check(recs, path, steps=(0, 1, 5, 10), title=""):
     max_step = max(r["step"] for r in recs)
     steps = [s for s in steps if s <= max_step]
     rows = [("outputs", "act/"), ("weights (entry RMS)", "w_rms/"), ("updates (entry RMS)", "dw_rms/")]
-    fig, axes = plt.subplots(3, len(modes) * len(steps), figsize=(2.2 * len(modes) * len(steps), 6.6),
-                             squeeze=False, sharey="row")
+    ncol = len(modes) * len(steps)
+    fig, axes = plt.subplots(3, ncol, figsize=(2.2 * ncol + 1.6, 6.6), squeeze=False, sharey="row")
     mean = {}
     for r in recs:
         mean.setdefault((r["mode"], r["quantity"], r["step"]), {}).setdefault(r["width"], []).append(r["value"])
+    cmap = plt.get_cmap("tab20")
     for ri, (rname, prefix) in enumerate(rows):
+        # one color and line style per quantity in every panel of the row, named once in the row's legend
+        names = sorted({q for _, q, _ in mean if q.startswith(prefix)})
+        style = {q: dict(color=cmap(i % 20), ls=("-", "--", ":")[i // 20 % 3]) for i, q in enumerate(names)}
         for mi, mode in enumerate(modes):
             for si, step in enumerate(steps):
                 ax = axes[ri][mi * len(steps) + si]
-                for (m, q, s), by_w in sorted(mean.items()):
-                    if m != mode or s != step or not q.startswith(prefix):
+                for q in names:
+                    by_w = mean.get((mode, q, step))
+                    if not by_w:
                         continue
                     ws = sorted(by_w)
                     ys = [abs(sum(by_w[w]) / len(by_w[w])) for w in ws]
                     if all(y > 0 for y in ys):
-                        ax.plot(ws, ys, marker=".", lw=0.8, label=q.split("/", 1)[1])
+                        ax.plot(ws, ys, marker=".", lw=0.8, label=q.split("/", 1)[1], **style[q])
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log", base=2)
                 ax.tick_params(labelsize=6)
@@ -350,6 +451,12 @@ def plot_coord_check(recs, path, steps=(0, 1, 5, 10), title=""):
                     ax.set_ylabel(rname, fontsize=7)
                 if ri == 2:
                     ax.set_xlabel("width", fontsize=7)
+        handles = {}
+        for ax in axes[ri]:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(lab, h)
+        axes[ri][-1].legend(handles.values(), handles.keys(), fontsize=4.5, loc="center left",
+                            bbox_to_anchor=(1.02, 0.5), ncol=1 + len(handles) // 16)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)

@@ -12,7 +12,7 @@ and its logits multiplied by output_mult/m, and the optimizer rules in `GPT.para
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -37,7 +37,11 @@ class GPTConfig:
     window_pattern: str = "L"  # L = full causal, S = sequence_len // 2 past tokens; tiled, last layer L
     softcap: float = 15.0  # tanh logit cap; 0 disables it
     mup_base_width: int = 0  # 0 = SP; b > 0 = muP with width multiplier n_embd / b
-    attn_mult: float = 8.0  # muP attention logit scale is attn_mult / head_dim (8 = sqrt(64))
+    # the rest of the muP base (the model the hyperparameters were tuned at); 0 = resolved in __post_init__
+    mup_base_head_dim: int = 0  # 0 = this head_dim (width grows through heads)
+    mup_base_n_kv_head: int = 0  # 0 = n_head of the base if this model is MHA, else this kv-head count (fixed)
+    mup_base_n_layer: int = 0  # 0 = n_layer; must equal n_layer (muP transfers across width, not depth)
+    attn_mult: float = 0.0  # muP attention logit scale is attn_mult / head_dim; 0 = sqrt(base head_dim)
     output_mult: float = 1.0  # muP logits are multiplied by output_mult / m
     attn_impl: str = "auto"  # auto (Triton on CUDA, else SDPA), triton (kernels/attention.py), sdpa
     head_impl: str = "auto"  # auto (Triton on CUDA, else chunked), triton, chunked (kernels/head.py), eager
@@ -59,12 +63,59 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.mup_base_width={self.mup_base_width!r}: must be 0 (SP) or a positive int")
         for name in ("softcap", "attn_mult", "output_mult"):
             value = getattr(self, name)
-            if not math.isfinite(value) or value < 0 or (value == 0 and name != "softcap"):
+            if not math.isfinite(value) or value < 0 or (value == 0 and name == "output_mult"):
                 raise ValueError(f"GPTConfig.{name}={value!r}: must be a finite positive number")
+        self._resolve_mup_base()
         if self.attn_impl not in ("auto", "triton", "sdpa"):
             raise ValueError(f"GPTConfig.attn_impl={self.attn_impl!r}: choose auto, triton or sdpa")
         if self.head_impl not in ("auto", "triton", "chunked", "eager"):
             raise ValueError(f"GPTConfig.head_impl={self.head_impl!r}: choose auto, triton, chunked or eager")
+
+    def _resolve_mup_base(self):
+        """Fill in the base fields (so config.json and checkpoints record the whole base) and refuse a base that
+        is not a valid model or differs in something muP does not cover (depth: no depth rule yet)."""
+        base_fields = ("mup_base_head_dim", "mup_base_n_kv_head", "mup_base_n_layer")
+        for name in base_fields:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"GPTConfig.{name}={value!r}: must be 0 (default) or a positive int")
+            if value and not self.use_mup:
+                raise ValueError(f"GPTConfig.{name}={value} describes a muP base: set mup_base_width too, or drop it")
+        if not self.use_mup:
+            return
+        b, hd = self.mup_base_width, self.mup_base_head_dim or self.head_dim
+        if b % hd or hd % 2:
+            raise ValueError(f"GPTConfig.mup_base_width={b} is not a multiple of the base head_dim {hd} (even): "
+                             "set mup_base_head_dim to the head_dim the base was tuned at")
+        n_head = b // hd
+        kv = self.mup_base_n_kv_head or (n_head if self.n_kv_head == self.n_head else self.n_kv_head)
+        if n_head % kv:
+            raise ValueError(f"GPTConfig muP base: {n_head} heads (width {b}, head_dim {hd}) not divisible by "
+                             f"{kv} kv heads: set mup_base_n_kv_head to the base's kv-head count")
+        n_layer = self.mup_base_n_layer or self.n_layer
+        if n_layer != self.n_layer:
+            raise ValueError(f"GPTConfig.n_layer={self.n_layer} but the muP base has mup_base_n_layer={n_layer}: "
+                             f"muP transfers across width only (no depth rule yet): tune the base at depth "
+                             f"{self.n_layer}")
+        self.mup_base_head_dim, self.mup_base_n_kv_head, self.mup_base_n_layer = hd, kv, n_layer
+        self.attn_mult = self.attn_mult or math.sqrt(hd)  # muP == SP at the base width, whatever the head_dim
+
+    def mup_base(self):
+        """The base model's config (muP) or this one (SP). Comparing its parameter shapes with this model's tells
+        which dimensions grow with width (explicit base shapes, as microsoft/mup's make_base_shapes)."""
+        if not self.use_mup:
+            return self
+        b = self.mup_base_width
+        return replace(self, n_embd=b, n_head=b // self.mup_base_head_dim, n_kv_head=self.mup_base_n_kv_head)
+
+    def mup_delta(self):
+        """A config whose shapes differ from the base's exactly in the dimensions that grow with width: this one,
+        or at the base width (where nothing differs yet) the base with twice the heads, kv heads too if MHA."""
+        base = self.mup_base()
+        if self.n_embd != base.n_embd or not self.use_mup:
+            return self
+        kv = 2 * base.n_kv_head if self.n_kv_head == self.n_head else base.n_kv_head
+        return replace(base, n_embd=2 * base.n_embd, n_head=2 * base.n_head, n_kv_head=kv)
 
     @property
     def head_dim(self):
@@ -92,6 +143,17 @@ class GPTConfig:
         """Per-layer left window (past tokens a query sees besides itself); None = full causal."""
         pattern = (self.window_pattern * self.n_layer)[: self.n_layer]
         return [self.sequence_len // 2 if c == "S" and i < self.n_layer - 1 else None for i, c in enumerate(pattern)]
+
+
+WIDTH_CLASS = {(True, True): "hidden", (True, False): "input", (False, True): "output", (False, False): "fixed"}
+
+
+def fans(name, shape):
+    """(fan_out, fan_in) of a parameter: nn.Linear stores (out, in); the embedding maps vocab (in) to width (out);
+    a vector counts as fan_out x 1."""
+    if len(shape) == 1:
+        return shape[0], 1
+    return (shape[1], shape[0]) if name == "transformer.wte.weight" else (shape[0], shape[1])
 
 
 def norm(x):
@@ -231,22 +293,57 @@ class GPT(nn.Module):
             elif name == "lm_head.weight":
                 roles[name] = "readout"
             elif name.startswith("transformer.h.") and name.endswith(".weight") and p.ndim == 2:
-                roles[name] = "hidden"
+                roles[name] = "matrix"
             elif name in ("resid_lambdas", "x0_lambdas"):
                 roles[name] = "scalar"
             else:
                 raise ValueError(f"parameter {name} has no muP role: add it to GPT.param_roles and muP_changes.md")
         return roles
 
-    def init_std(self, name, p, role):
-        """Init std per parameter. Hidden: 1/sqrt(fan_in) keeps activations O(1) at any width (TP5 Table 8)."""
-        if role == "embedding":
-            return 1.0  # width-independent: each coordinate O(1)
-        if role == "hidden":
-            return 0.0 if name.endswith("c_proj.weight") else p.shape[1] ** -0.5  # zero out-proj (nanochat)
+    def param_shapes(self):
+        """Per parameter: role, width class, (fan_out, fan_in), base shape and r_out, r_in = fan / base fan.
+
+        The class says which fans grow with width, judged on explicit base shapes (GPTConfig.mup_base, as in
+        microsoft/mup): hidden (both), input (fan_out only: the embedding), output (fan_in only: lm_head, and
+        c_k/c_v when n_kv_head stays fixed while heads are added), fixed (neither: the residual scalars).
+        SP has no base: class '-', ratios 1. A parameter the base lacks, or of another rank there, raises."""
+        cfg = self.config
+        roles = self.param_roles()
+        if cfg.use_mup:
+            with torch.device("meta"):
+                base = dict(GPT(cfg.mup_base()).named_parameters())
+                delta = dict(GPT(cfg.mup_delta()).named_parameters())
+        out = {}
+        for name, p in self.named_parameters():
+            fo, fi = fans(name, p.shape)
+            row = dict(role=roles[name], cls="-", fan_out=fo, fan_in=fi, base_shape=tuple(p.shape), r_out=1.0, r_in=1.0)
+            if cfg.use_mup:
+                if name not in base or base[name].ndim != p.ndim:
+                    raise ValueError(f"parameter {name} {tuple(p.shape)} has no counterpart in the muP base model: "
+                                     "add it to GPT.param_shapes and muP_changes.md")
+                bo, bi = fans(name, base[name].shape)
+                do, di = fans(name, delta[name].shape)
+                row.update(cls=WIDTH_CLASS[do != bo, di != bi], base_shape=tuple(base[name].shape), r_out=fo / bo,
+                           r_in=fi / bi)
+            out[name] = row
+        return out
+
+    def init_std(self, name, s):
+        """Init std of one parameter (`s`: its row of `param_shapes`).
+
+        Matrices and the embedding: SP's std at the base shape times r_in^-1/2 * min(1, r_out/r_in)^1/2, so the
+        spectral norm scales like sqrt(fan_out/fan_in) from the base (Yang, Simon & Bernstein 2023, Cond. 1;
+        TP5 Table 3): hidden 1/sqrt(fan_in), input constant, output ~1/fan_in. SP's std: embedding 1, matrices
+        1/sqrt(fan_in), out-projections 0 (nanochat). lm_head: SP 0.001, muP 0 (TP5 sec. D.2)."""
+        role = s["role"]
+        if role == "scalar":
+            return 1.0 if name == "resid_lambdas" else 0.0
         if role == "readout":
-            return 0.0 if self.config.use_mup else 0.001  # muP: zero init (TP5 sec. D.2)
-        return 1.0 if name == "resid_lambdas" else 0.0
+            return 0.0 if self.config.use_mup else 0.001
+        if name.endswith("c_proj.weight"):
+            return 0.0
+        base_std = 1.0 if role == "embedding" else (s["fan_in"] / s["r_in"]) ** -0.5
+        return base_std * s["r_in"] ** -0.5 * min(1.0, s["r_out"] / s["r_in"]) ** 0.5
 
     def _resolve_mup(self, use_mup, base_width):
         cfg = self.config
@@ -278,15 +375,20 @@ class GPT(nn.Module):
         use_mup=None,
         base_width=None,
     ):
-        """One row per parameter: role, init, forward multiplier, optimizer and its effective hyperparameters.
+        """One row per parameter: role, class, init, forward multiplier, optimizer and its effective hyperparameters.
 
-        `matrix_lr=None` takes the optimizer's default (Muon 0.02, AdamW 0.003). Rules (m = n_embd / base):
-        - hidden on Muon: LR constant in width in both modes; the orthogonalised update scaled by
-          max(1, fan_out/fan_in)^0.5 already has the spectral size muP wants (Yang, Simon & Bernstein 2023).
-        - hidden on AdamW: SP width-independent; muP LR eta/m, eps eps/m, weight decay wd*m so the
-          per-step decay lr*wd stays invariant (TP5 Table 8).
-        - embedding, scalars: constant LR and eps. readout: constant LR (its 1/m lives in the forward
-          multiplier only), eps/m under muP because its gradient shrinks like 1/m.
+        `matrix_lr=None` takes the optimizer's default (Muon 0.02, AdamW 0.003). Every rule is SP's value at the
+        base shape times a power of r_out, r_in (fan / base fan), so at the base width every multiplier is 1:
+        - Muon: update scale max(1, fo/fi)^0.5 at the base shape times (r_out/r_in)^0.5, LR constant: the
+          orthogonalised update's spectral norm then scales like sqrt(fan_out/fan_in) (Yang, Simon & Bernstein
+          2023). Weight decay constant: the per-step decay lr*wd does not change with width.
+        - AdamW matrices: LR eta/r_in (Adam's update entries are ~lr; a dense low-rank update then has spectral
+          norm ~lr*sqrt(fo*fi), which must be ~sqrt(fo/fi)), weight decay wd*r_in (lr*wd invariant), eps eps/r_out
+          (gradient entries scale like 1/fan_out for updates of spectral size; TP5 Table 8: hidden eps/m).
+        - embedding: LR constant (r_in = 1), eps/r_out (its gradient shrinks like 1/m), no decay.
+        - readout: TP5 Table 8 (MuReadout): forward multiplier output_mult/r_in, LR constant, eps/(r_out*r_in).
+        - scalars: constant; resid_lambdas at 0.01 x scalar_lr, x0_lambdas at scalar_lr (nanochat's rule: a
+          multiplicative residual scale compounds through the layers).
         - the Muon setup keeps nanochat's SP factor (n_embd/768)^-0.5 on the AdamW groups; muP uses its
           value at the base width, so base-width hyperparameters mean the same in both modes.
         """
@@ -294,7 +396,6 @@ class GPT(nn.Module):
             raise ValueError(f"matrix_optimizer={matrix_optimizer!r}: choose 'muon' or 'adamw'")
         cfg = self.config
         use_mup = self._resolve_mup(use_mup, base_width)
-        m = cfg.width_mult if use_mup else 1.0
         matrix_lr = DEFAULT_MATRIX_LR[matrix_optimizer] if matrix_lr is None else matrix_lr
         if matrix_optimizer == "muon":
             width = cfg.mup_base_width if use_mup else cfg.n_embd
@@ -303,23 +404,23 @@ class GPT(nn.Module):
             adam_scale = 1.0
         adam = dict(optimizer="adamw", betas=tuple(adam_betas))
         rows = []
-        for name, role in self.param_roles().items():
-            p = self.get_parameter(name)
-            row = dict(name=name, role=role, shape=tuple(p.shape), init_std=self.init_std(name, p, role),
-                       fwd_mult=1.0)
+        for name, s in self.param_shapes().items():
+            role, r_out, r_in = s["role"], s["r_out"], s["r_in"]
+            row = dict(name=name, role=role, cls=s["cls"], shape=tuple(self.get_parameter(name).shape),
+                       base_shape=s["base_shape"], init_std=self.init_std(name, s), fwd_mult=1.0)
             if role == "embedding":
-                row.update(adam, lr=embedding_lr * adam_scale, eps=adam_eps, wd=0.0)
+                row.update(adam, lr=embedding_lr * adam_scale, eps=adam_eps / r_out, wd=0.0)
             elif role == "scalar":
-                row.update(adam, lr=scalar_lr, eps=adam_eps, wd=0.0)
+                row.update(adam, lr=scalar_lr * (0.01 if name == "resid_lambdas" else 1.0), eps=adam_eps, wd=0.0)
             elif role == "readout":
-                row.update(adam, lr=unembedding_lr * adam_scale, eps=adam_eps / m, wd=weight_decay)
+                row.update(adam, lr=unembedding_lr * adam_scale, eps=adam_eps / (r_out * r_in), wd=weight_decay)
                 row["fwd_mult"] = cfg.logit_mult
             elif matrix_optimizer == "muon":
-                fan_out, fan_in = p.shape
+                base_scale = max(1.0, (s["fan_out"] / r_out) / (s["fan_in"] / r_in)) ** 0.5  # nanochat's, at the base
                 row.update(optimizer="muon", lr=matrix_lr, eps=None, wd=weight_decay, momentum=muon_momentum,
-                           update_scale=max(1.0, fan_out / fan_in) ** 0.5)
+                           update_scale=base_scale * (r_out / r_in) ** 0.5)
             else:
-                row.update(adam, lr=matrix_lr / m, eps=adam_eps / m, wd=weight_decay * m)
+                row.update(adam, lr=matrix_lr / r_in, eps=adam_eps / r_out, wd=weight_decay * r_in)
             rows.append(row)
         return rows
 
@@ -328,15 +429,22 @@ class GPT(nn.Module):
         rows = self.param_rules(**kwargs)
         if print_table:
             cfg = self.config
-            mode = f"muP (base width {cfg.mup_base_width}, m={cfg.width_mult:g})" if cfg.use_mup else "SP"
-            print(f"{mode}: attention scale {cfg.attn_scale:.5g}, logit multiplier {cfg.logit_mult:.5g}")
-            header = f"{'parameter':<36} {'role':<9} {'shape':<13} {'init std':>9} {'fwd mult':>8} "
-            print(header + f"{'optim':<6} {'lr':>9} {'adam eps':>9} {'wd':>6}")
+            if cfg.use_mup:
+                b = cfg.mup_base()
+                print(f"muP, base: width {b.n_embd}, head_dim {b.head_dim}, {b.n_head} heads, {b.n_kv_head} kv heads, "
+                      f"{b.n_layer} layers; m={cfg.width_mult:g}")
+            else:
+                print("SP")
+            print(f"attention scale {cfg.attn_scale:.5g}, logit multiplier {cfg.logit_mult:.5g}")
+            print(f"{'parameter':<36} {'role':<9} {'class':<6} {'shape':<10} {'base':<10} {'init std':>9} "
+                  f"{'fwd mult':>8} {'optim':<5} {'lr':>9} {'adam eps':>8} {'wd':>6} {'upd scale':>9}")
             for r in rows:
                 eps = "-" if r["eps"] is None else f"{r['eps']:.3g}"
-                shape = "x".join(map(str, r["shape"]))
-                print(f"{r['name']:<36} {r['role']:<9} {shape:<13} {r['init_std']:>9.4g} {r['fwd_mult']:>8.4g} "
-                      f"{r['optimizer']:<6} {r['lr']:>9.4g} {eps:>9} {r['wd']:>6.3g}")
+                scale = f"{r['update_scale']:.4g}" if "update_scale" in r else "-"
+                shape, base = ("x".join(map(str, r[k])) for k in ("shape", "base_shape"))
+                print(f"{r['name']:<36} {r['role']:<9} {r['cls']:<6} {shape:<10} {base:<10} {r['init_std']:>9.4g} "
+                      f"{r['fwd_mult']:>8.4g} {r['optimizer']:<5} {r['lr']:>9.4g} {eps:>8} {r['wd']:>6.3g} "
+                      f"{scale:>9}")
         return rows
 
     def setup_optimizer(self, matrix_lr=None, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0,
@@ -349,7 +457,8 @@ class GPT(nn.Module):
         for r in rows:
             # Muon stacks same-shape matrices to orthogonalise them in one batched call
             muon = r["optimizer"] == "muon"
-            key = (r["optimizer"], r["role"], r["lr"], r["eps"], r["wd"], r["shape"] if muon else None)
+            key = (r["optimizer"], r["role"], r["lr"], r["eps"], r["wd"], r.get("update_scale"),
+                   r["shape"] if muon else None)
             g = groups.setdefault(key, dict(params=[], names=[], kind=r["optimizer"], role=r["role"],
                                             lr=r["lr"], base_lr=r["lr"], weight_decay=r["wd"]))
             if muon:
@@ -372,14 +481,14 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """Initialise in place; works after `GPT(config)` on the meta device and `to_empty(device=...)`."""
-        roles = self.param_roles()
+        shapes = self.param_shapes()
         for name, p in self.named_parameters():
-            std = self.init_std(name, p, roles[name])
+            std = self.init_std(name, shapes[name])
             if p.ndim == 1:
                 p.fill_(std)
             elif std == 0.0:
                 p.zero_()
-            elif roles[name] == "hidden":
+            elif shapes[name]["role"] == "matrix":
                 p.uniform_(-(3**0.5) * std, 3**0.5 * std)  # uniform: same std, no outliers (nanochat)
             else:
                 p.normal_(0.0, std)

@@ -7,8 +7,9 @@ stacks same-shape matrices to orthogonalise them in one batched call. The AdamW 
 PyTorch's (`torch.optim.adamw.adamw`), so it matches torch.optim.AdamW exactly.
 
 Muon (Jordan et al. 2024): Nesterov momentum, then the orthogonal polar factor of the update via the
-Polar Express iteration (Amsel et al. 2025), scaled by max(1, fan_out/fan_in)^0.5 so its spectral norm
-matches the muP spectral condition (Yang, Simon & Bernstein 2023) and the LR is width-independent.
+Polar Express iteration (Amsel et al. 2025), scaled by the group's `update_scale` (GPT.param_rules: nanochat's
+max(1, fan_out/fan_in)^0.5 at the base shape, times sqrt(r_out/r_in) under muP) so its spectral norm follows the
+spectral condition ||dW||_2 ~ sqrt(fan_out/fan_in) (Yang, Simon & Bernstein 2023) and the LR is width-independent.
 """
 
 import torch

@@ -21,13 +21,15 @@ KEY_FIELDS = ("setup", "mode", "width", "lr_log2", "output_mult", "seed", "steps
 
 
 def train_once(width, mode="mup", lr_log2=0.0, seed=0, steps=80, setup="muon", output_mult=1.0, depth=2,
-               head_dim=32, B=8, T=64, base_width=64, warmdown=0.3, data=None, n_val=8, device="cpu"):
+               head_dim=32, B=8, T=64, base_width=64, warmdown=0.3, data=None, n_val=8, device="cpu", base_depth=0):
     """One training run; returns its JSON row (config + train loss averaged over the last 10% of steps
     + val loss on fixed val batches). Constant LR, then linear warmdown to 0 over the last `warmdown` fraction
-    (a final loss that is less noisy than constant LR at the same cost)."""
+    (a final loss that is less noisy than constant LR at the same cost). A `base_depth` other than `depth` is
+    refused (muP covers width only)."""
     data = load_text_bytes() if data is None else data
     torch.manual_seed(seed)
-    model = build_model(width, mode == "mup", base_width, head_dim, depth, T, seed, output_mult, device)
+    model = build_model(width, mode == "mup", base_width, head_dim, depth, T, seed, output_mult, device,
+                        base_depth=base_depth)
     mult = 2.0**lr_log2
     lrs = dict(matrix_lr={"muon": 0.02, "adamw": 0.003}[setup], embedding_lr=0.2, unembedding_lr=0.004, scalar_lr=0.5)
     opt = model.setup_optimizer(**{k: v * mult for k, v in lrs.items()}, matrix_optimizer=setup)

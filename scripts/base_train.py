@@ -44,7 +44,12 @@ parser.add("--head-impl", default="auto", choices=["auto", "triton", "chunked", 
            help="lm_head + cross-entropy: auto = fused Triton on CUDA, chunked PyTorch elsewhere")
 # muP
 parser.add("--mup-base-width", type=int, default=0, min=0, help="muP base width (0 = standard parametrization)")
-parser.add("--attn-mult", type=float, default=8.0, above=0, help="muP attention logit scale is attn_mult / head_dim")
+parser.add("--mup-base-head-dim", type=int, default=0, min=0, help="head_dim the base was tuned at (0 = --head-dim)")
+parser.add("--mup-base-n-kv-head", type=int, default=0, min=0,
+           help="kv heads of the base (0 = MHA base if this model is MHA, else the same count: fixed kv heads)")
+parser.add("--mup-base-depth", type=int, default=0, min=0, help="depth the base was tuned at (0 = --depth; must match)")
+parser.add("--attn-mult", type=float, default=0.0, min=0,
+           help="muP attention logit scale is attn_mult / head_dim (0 = sqrt(base head_dim): SP at the base width)")
 parser.add("--output-mult", type=float, default=1.0, above=0, help="muP logits are multiplied by output_mult / m")
 # optimization
 parser.add("--matrix-optimizer", default="muon", choices=["muon", "adamw"], help="optimizer for hidden matrices")
@@ -236,6 +241,8 @@ try:
     config = GPTConfig(sequence_len=T, vocab_size=tokenizer.get_vocab_size(), n_layer=args.depth, n_head=n_head,
                        n_kv_head=args.n_kv_head or n_head, n_embd=n_embd, window_pattern=args.window_pattern,
                        softcap=args.softcap, mup_base_width=args.mup_base_width, attn_mult=args.attn_mult,
+                       mup_base_head_dim=args.mup_base_head_dim, mup_base_n_kv_head=args.mup_base_n_kv_head,
+                       mup_base_n_layer=args.mup_base_depth,
                        output_mult=args.output_mult, attn_impl=args.attn_impl,
                        head_impl=args.head_impl)
 except ValueError as e:

@@ -23,6 +23,8 @@ parser.add("--seed", type=int, default=0, min=0, max=2**63 - 1)
 parser.add("--steps", type=int, default=80, min=1)
 parser.add("--setup", choices=["muon", "adamw"], default="muon", help="matrix optimizer for hidden matrices")
 parser.add("--depth", type=int, default=2, min=1)
+parser.add("--base-depth", type=int, default=0, min=0,
+           help="depth the base was tuned at (0 = --depth; another depth is refused)")
 parser.add("--head-dim", type=int, default=32, min=1)
 parser.add("--batch-size", type=int, default=8, min=1)
 parser.add("--seq-len", type=int, default=64, min=2)
@@ -32,7 +34,14 @@ args = parser.parse_args()
 if args.width % args.head_dim:  # n_head = width // head_dim: any other width would silently change the head dim
     parser.error(f"--width={args.width} is not divisible by --head-dim={args.head_dim}: pick a multiple of it")
 
-from nanochat.transfer import append_row, read_rows, row_key, train_once  # noqa: E402  (imports torch)
+from nanochat.coord_check import build_model  # noqa: E402  (imports torch)
+from nanochat.transfer import append_row, read_rows, row_key, train_once  # noqa: E402
+
+try:  # refuse, with one line, a target the parametrization does not cover (GPTConfig's check)
+    build_model(args.width, args.mode == "mup", args.base_width, args.head_dim, args.depth, device="meta",
+                base_depth=args.base_depth)
+except ValueError as e:
+    parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 # -----------------------------------------------------------------------------------------------------
 # skip if done, else train and append
@@ -46,7 +55,7 @@ if row_key(key) in {row_key(r) for r in read_rows(args.out)}:
 t0 = time.time()
 row = train_once(width=args.width, mode=args.mode, lr_log2=args.lr_log2, seed=args.seed, steps=args.steps,
                  setup=args.setup, output_mult=args.output_mult, depth=args.depth, head_dim=args.head_dim,
-                 B=args.batch_size, T=args.seq_len, base_width=args.base_width)
+                 B=args.batch_size, T=args.seq_len, base_width=args.base_width, base_depth=args.base_depth)
 row["wall_s"] = round(time.time() - t0, 2)
 append_row(args.out, row)
 print(f"{args.setup} {args.mode} w={args.width} lr_log2={args.lr_log2:+g} om={args.output_mult:g} seed={args.seed}: "

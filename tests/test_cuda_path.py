@@ -86,14 +86,15 @@ def test_auto_picks_per_case(n_embd, monkeypatch):
     real = kernels.attention.flash_attention
     monkeypatch.setattr(kernels.attention, "flash_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     x, y = batch()
-    auto = model("auto", "auto", n_embd=n_embd)
+    kw = dict(n_embd=n_embd, mup_base_width=n_embd // 2)  # base: half the heads, same head_dim
+    auto = model("auto", "auto", **kw)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         loss = auto(x, y)
     # Triton on CUDA where the kernel supports the case; on CPU always SDPA (the interpreter is for tests)
     assert len(calls) == (2 if DEVICE == "cuda" and n_embd == 128 else 0)
     if not calls:
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            assert loss.item() == model("sdpa", "auto", n_embd=n_embd)(x, y).item()
+            assert loss.item() == model("sdpa", "auto", **kw)(x, y).item()
 
 
 def test_explicit_triton_on_unsupported_case_fails_in_one_line(monkeypatch):
@@ -101,7 +102,7 @@ def test_explicit_triton_on_unsupported_case_fails_in_one_line(monkeypatch):
     import kernels.head
 
     x, y = batch()
-    for kw, impl, match in [(dict(n_embd=96), "attn", r"head_dim=24 .*: use attn_impl='sdpa'"),
+    for kw, impl, match in [(dict(n_embd=96, mup_base_width=48), "attn", r"head_dim=24 .*: use attn_impl='sdpa'"),
                             (dict(device="cpu"), "attn", r"device cpu .*: use attn_impl='sdpa'"),
                             (dict(device="cpu"), "head", r"device cpu .*: use head_impl='chunked'")]:
         monkeypatch.setattr(kernels.attention, "INTERPRET", "device" not in kw)  # CPU without the interpreter

@@ -9,15 +9,18 @@ Per compiled kernel: shared memory per block (compiler metadata), registers and 
 `cuobjdump -res-usage` (these kernels call no functions, so any stack is register spills), and the
 tensor-core instructions in the PTX. Tests assert the limits on this (tests/test_kernel_compile.py).
 
-What is compiled (CAUSAL is a constexpr, so causal and non-causal are separate compilations; `window` is a
-runtime int, so one causal compilation serves every window, None included):
+What is compiled. CAUSAL is a constexpr, so causal and non-causal are separate compilations; `window` is a
+runtime int, so one causal compilation serves every window, None included. The JIT also specialises integer
+arguments on divisibility by 16, which changes register allocation: "aligned" marks T and window divisible
+(training shapes: T 2048, window 1024; also strides, width 768, vocab 32768), "odd" leaves T and window
+unmarked (generation: T grows by one per token). Head counts, the GQA group and the head's vocab split count
+are never marked.
 - attention forward, dK/dV and dQ: every config the autotuner keeps for the dtype and head_dim (its own
-  early_config_prune), for bf16 and fp32 at head_dim 32, 64 and 128, causal; non-causal at head_dim 128;
-  fp16 at head_dim 128, causal (fp16 and bf16 compile to the same resource use, which the test checks).
-- the backward's delta kernel at head_dim 32, 64, 128 in bf16, fp16 and fp32.
+  early_config_prune), for bf16 and fp32 at head_dim 32, 64 and 128, causal, aligned and odd; non-causal
+  aligned at head_dim 128; fp16 causal aligned at head_dim 128 (fp16 and bf16 compile to the same resource
+  use, which the test checks).
+- the backward's delta kernel at head_dim 32, 64, 128 in bf16, fp16 and fp32 (aligned).
 - the head's logits + log-sum-exp kernel for bf16, fp16 and fp32 inputs, and its dlogits kernel (fp32).
-Integer arguments are marked divisible by 16 as the JIT does for training shapes (T 2048, window 1024,
-width 768, vocab 32768), except the head counts, the GQA group and the head's vocab split count.
 """
 
 import argparse
@@ -61,27 +64,27 @@ def autotuned(name, dtype, head_dim):
 
 
 def jobs():
-    """(kernel, dtype, constexprs, compile options) of every compilation listed in the module docstring."""
+    """(kernel, dtype, constexprs, compile options, aligned) of every compilation in the module docstring."""
     out = []
     for name in ATTENTION:
-        cases = [(dt, d, True) for dt in ("bf16", "fp32") for d in (32, 64, 128)]
-        cases += [("bf16", 128, False), ("fp32", 128, False), ("fp16", 128, True)]
-        for dtype, d, causal in cases:
+        cases = [(dt, d, True, aligned) for dt in ("bf16", "fp32") for d in (32, 64, 128) for aligned in (True, False)]
+        cases += [("bf16", 128, False, True), ("fp32", 128, False, True), ("fp16", 128, True, True)]
+        for dtype, d, causal, aligned in cases:
             for m, n, w, s in autotuned(name, dtype, d):
                 consts = dict(HEAD_DIM=d, BLOCK_M=m, BLOCK_N=n, CAUSAL=causal, UPCAST=False,
                               PRECISION="tf32x3" if dtype == "fp32" else "tf32")
-                out.append((name, dtype, consts, dict(num_warps=w, num_stages=s)))
+                out.append((name, dtype, consts, dict(num_warps=w, num_stages=s), aligned))
     for dtype in DTYPES:
         for d in (32, 64, 128):  # launched with the default options
-            out.append(("attn_bwd_delta", dtype, dict(HEAD_DIM=d, BLOCK_M=64), {}))
+            out.append(("attn_bwd_delta", dtype, dict(HEAD_DIM=d, BLOCK_M=64), {}, True))
         cfg, launch = head._triton_cfg(768, DTYPES[dtype])
-        out.append(("head_logits_lse", dtype, dict(cfg, UPCAST=False), launch))
+        out.append(("head_logits_lse", dtype, dict(cfg, UPCAST=False), launch, True))
     cfg, _ = head._triton_cfg(768, torch.float32)
-    out.append(("head_dlogits", "fp32", dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_V=cfg["BLOCK_V"]), dict(num_warps=8)))
+    out.append(("head_dlogits", "fp32", dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_V=cfg["BLOCK_V"]), dict(num_warps=8), True))
     return out
 
 
-def signature(name, dtype):
+def signature(name, dtype, aligned):
     sig, attrs = {}, {}
     for i, p in enumerate(KERNELS[name].params):
         n = p.name
@@ -95,15 +98,15 @@ def signature(name, dtype):
             sig[n] = "*" + dtype
         else:
             sig[n] = "fp32" if n in FLOATS else "i32"
-        if sig[n] not in ("constexpr", "fp32") and n not in NOT_DIVISIBLE:
+        if sig[n] not in ("constexpr", "fp32") and n not in NOT_DIVISIBLE and (aligned or n not in ("T", "window")):
             attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, attrs
 
 
 def compile_one(job):
-    name, dtype, consts, options = job
+    name, dtype, consts, options, aligned = job
     fn = KERNELS[name]
-    sig, attrs = signature(name, dtype)
+    sig, attrs = signature(name, dtype, aligned)
     t0 = time.time()
     compiled = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=TARGET, options=options)
     seconds = time.time() - t0
@@ -114,7 +117,7 @@ def compile_one(job):
                                check=True).stdout
     res = dict(re.findall(r"\b(REG|STACK):(\d+)", usage))
     tensor_ops = sorted(set(re.findall(r"\b(wgmma\.mma_async\S*|mma\.sync\S*)", compiled.asm["ptx"])))
-    return dict(kernel=name, dtype=dtype, head_dim=consts.get("HEAD_DIM"), causal=consts.get("CAUSAL"),
+    return dict(kernel=name, dtype=dtype, head_dim=consts.get("HEAD_DIM"), causal=consts.get("CAUSAL"), aligned=aligned,
                 config={k: v for k, v in consts.items() if k.startswith(("BLOCK", "TILES"))} | options,
                 shared=compiled.metadata.shared, registers=int(res["REG"]), stack=int(res["STACK"]),
                 tensor_ops=tensor_ops, seconds=round(seconds, 2))
@@ -138,14 +141,15 @@ def main():
         return
     print(f"sm_90, triton {triton.__version__}: {len(rows)} compilations in {time.time() - t0:.0f} s "
           f"({args.workers} workers); H100 shared memory limit {H100_SMEM:,} B per block\n")
-    print("| kernel | dtype | D | causal | config | shared B | regs | stack B | tensor-core ops |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| kernel | dtype | D | causal | T, window | config | shared B | regs | stack B | tensor-core ops |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         cfg = " ".join(f"{k}={v}" for k, v in r["config"].items())
         ops = sorted({op.split(".")[0] + "." + ".".join(op.split(".")[-3:]) for op in r["tensor_ops"]})  # short
         ops = ", ".join(ops) or "-"
         causal = "-" if r["causal"] is None else r["causal"]
-        print(f"| {r['kernel']} | {r['dtype']} | {r['head_dim'] or '-'} | {causal} | {cfg} | "
+        print(f"| {r['kernel']} | {r['dtype']} | {r['head_dim'] or '-'} | {causal} | "
+              f"{'aligned' if r['aligned'] else 'odd'} | {cfg} | "
               f"{r['shared']:,} | {r['registers']} | {r['stack']} | {ops} |")
 
 

@@ -1,8 +1,9 @@
 """CUDA launch configs, checked without a GPU.
 
 Every config the attention autotuner can pick, and the head kernels' configs, compile for an H100 (sm_90)
-within its shared memory, with no register spills (budget: 0 bytes of stack), onto tensor cores. The compile
-runs in a subprocess (kernels/compile_check.py): this process imported the kernels in interpreter mode.
+within its shared memory, with no register spills (budget: 0 bytes of stack), onto tensor cores; for T and
+window multiples of 16 and not (the JIT compiles those separately). The compile runs in a subprocess
+(kernels/compile_check.py, which lists what it compiles): this process imported the kernels in interpreter mode.
 Also: the attention autotune key buckets T, so generation does not re-tune for every new length.
 """
 
@@ -37,7 +38,7 @@ def compiled():
 
 
 def _name(r):
-    return f"{r['kernel']} {r['dtype']} D={r['head_dim']} causal={r['causal']} {r['config']}"
+    return f"{r['kernel']} {r['dtype']} D={r['head_dim']} causal={r['causal']} aligned={r['aligned']} {r['config']}"
 
 
 def _tuple(config):
@@ -50,9 +51,11 @@ def test_every_listed_config_is_compiled(compiled):
     for kernel, table in TABLES.items():
         for dtype in ("bf16", "fp32"):
             for d in (32, 64, 128):
-                got = {_tuple(r["config"]) for r in compiled
-                       if (r["kernel"], r["dtype"], r["head_dim"], r["causal"]) == (kernel, dtype, d, True)}
-                assert got and got == set(table[SIZES[dtype], d]), (kernel, dtype, d, got)
+                for aligned in (True, False):  # T and window multiples of 16 (training) or not (generation)
+                    got = {_tuple(r["config"]) for r in compiled
+                           if (r["kernel"], r["dtype"], r["head_dim"], r["causal"], r["aligned"])
+                           == (kernel, dtype, d, True, aligned)}
+                    assert got and got == set(table[SIZES[dtype], d]), (kernel, dtype, d, aligned, got)
     kinds = {r["kernel"] for r in compiled}
     assert kinds == {*TABLES, "attn_bwd_delta", "head_logits_lse", "head_dlogits"}, kinds
 
@@ -86,7 +89,7 @@ def test_fp32_head_dim_128_attention_can_launch(compiled):
 
 def test_fp16_compiles_like_bf16(compiled):
     # only bf16 is compiled at every head_dim: that is valid because fp16 uses the same resources
-    key = lambda r: (r["kernel"], r["head_dim"], r["causal"], json.dumps(r["config"]))
+    key = lambda r: (r["kernel"], r["head_dim"], r["causal"], r["aligned"], json.dumps(r["config"]))
     bf16 = {key(r): r for r in compiled if r["dtype"] == "bf16"}
     fp16 = [r for r in compiled if r["dtype"] == "fp16" and r["kernel"] in TABLES]
     assert fp16

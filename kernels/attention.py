@@ -322,7 +322,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, scale, qk_scale, T, T_BUCKET, H, g
 # Launch configs. Under the interpreter: one big tile (programs run one after another there). On CUDA:
 # autotuned, trying only the configs listed for the inputs' element size and head_dim. Each listed config
 # compiles for sm_90 with no register spills and within the H100's 232,448 bytes of shared memory per block
-# (tests/test_kernel_compile.py). fp32 needs small tiles: tf32x3 keeps a high and a low tf32 part of every
+# (tests/test_kernel_configs.py). fp32 needs small tiles: tf32x3 keeps a high and a low tf32 part of every
 # operand live, and fp32 tiles take twice the shared memory. In the backward, BLOCK_N is the key tile and
 # BLOCK_M the query tile.
 

@@ -7,7 +7,7 @@ what each one uses. Triton ships ptxas, so `triton.compile(..., target=GPUTarget
 
 Per compiled kernel: shared memory per block (compiler metadata), registers and stack frame from
 `cuobjdump -res-usage` (these kernels call no functions, so any stack is register spills), and the
-tensor-core instructions in the PTX. Tests assert the limits on this (tests/test_kernel_compile.py).
+tensor-core instructions in the PTX. Tests assert the limits on this (tests/test_kernel_configs.py).
 
 What is compiled. CAUSAL is a constexpr, so causal and non-causal are separate compilations; `window` is a
 runtime int, so one causal compilation serves every window, None included. The JIT also specialises integer

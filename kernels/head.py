@@ -121,7 +121,7 @@ def _triton_cfg(d, dtype):
         return dict(BLOCK_M=64, BLOCK_V=256, BLOCK_D=min(128, triton.next_power_of_2(d)),
                     TILES_PER_PROG=1 << 20, DOT_PRECISION="ieee"), {}
     # Compiles for sm_90 to wgmma with no register spills, within the H100's shared memory
-    # (tests/test_kernel_compile.py). fp32 inputs: tf32x3 (three tf32 products, about fp32 accuracy, on tensor
+    # (tests/test_kernel_configs.py). fp32 inputs: tf32x3 (three tf32 products, about fp32 accuracy, on tensor
     # cores; "ieee" is an FMA loop that spills) on a narrower k step, as tf32x3 keeps two parts of each operand.
     fp32 = dtype == torch.float32
     return dict(BLOCK_M=128, BLOCK_V=128, BLOCK_D=32 if fp32 else 64, TILES_PER_PROG=8,

@@ -163,7 +163,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kt, offs_m, offs_d, start, end, T,
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, qk_scale, T, H, group, window,
+def _attn_fwd(Q, K, V, O, LSE, qk_scale, T, T_BUCKET, H, group, window,
               stride_qb, stride_qt, stride_kb, stride_kt,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
               UPCAST: tl.constexpr, PRECISION: tl.constexpr):
@@ -236,7 +236,7 @@ def _bwd_kv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, offs_n, offs_d, st
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, scale, qk_scale, T, H, group, window,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, scale, qk_scale, T, T_BUCKET, H, group, window,
                    stride_qb, stride_qt, stride_kb, stride_kt,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
@@ -291,7 +291,7 @@ def _bwd_q_tiles(dq, q, do, lse, delta, K, V, stride_kt, offs_m, offs_d, start, 
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, scale, qk_scale, T, H, group, window,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, scale, qk_scale, T, T_BUCKET, H, group, window,
                  stride_qb, stride_qt, stride_kb, stride_kt,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
@@ -321,27 +321,69 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, scale, qk_scale, T, H, group, wind
 
 
 # -----------------------------------------------------------------------------
-# Launch configs: one big tile under the interpreter (programs run one after another there),
-# a small autotuned set for Hopper-class GPUs on CUDA.
+# Launch configs. Under the interpreter: one big tile (programs run one after another there). On CUDA:
+# autotuned, trying only the configs listed for the inputs' element size and head_dim. Each listed config
+# compiles for sm_90 with no register spills and within the H100's 232,448 bytes of shared memory per block
+# (tests/test_kernel_configs.py). fp32 needs small tiles: tf32x3 keeps a high and a low tf32 part of every
+# operand live, and fp32 tiles take twice the shared memory. In the backward, BLOCK_N is the key tile and
+# BLOCK_M the query tile.
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by (bytes per element, head_dim)
+_FWD_CONFIGS = {
+    **dict.fromkeys([(2, 32), (2, 64), (2, 128)],
+                    [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 8, 2)]),
+    **dict.fromkeys([(4, 32), (4, 64)], [(64, 32, 4, 2), (32, 32, 4, 2)]),
+    (4, 128): [(16, 32, 4, 2), (16, 16, 4, 2)],
+}
+_DKDV_CONFIGS = {
+    **dict.fromkeys([(2, 32), (2, 64)], [(32, 128, 8, 3), (64, 64, 8, 2), (16, 128, 8, 2), (32, 64, 8, 2)]),
+    (2, 128): [(16, 128, 8, 2), (16, 128, 8, 3), (32, 64, 8, 2)],
+    **dict.fromkeys([(4, 32), (4, 64)], [(32, 16, 4, 2), (16, 16, 4, 2)]),
+    (4, 128): [(32, 16, 8, 2), (16, 16, 8, 2)],
+}
+_DQ_CONFIGS = {
+    **dict.fromkeys([(2, 32), (2, 64), (2, 128)], [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2)]),
+    **dict.fromkeys([(4, 32), (4, 64)], [(64, 32, 4, 2), (32, 16, 4, 2)]),
+    (4, 128): [(16, 32, 4, 2), (16, 16, 4, 2)],
+}
+# Autotune key (Triton adds the tensor arguments' dtypes). T_BUCKET, a kernel argument only for this key,
+# instead of T: generation grows T by one per token, and an exact-T key would re-tune at every step.
+_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL", "group"]
 
 
-def _configs(candidates):
+def _t_bucket(T):
+    """Autotune bucket of a sequence length: the next power of two (at least 16)."""
+    return max(16, triton.next_power_of_2(T))
+
+
+def _config(m, n, w, s):
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+
+
+def _listed(table, dtype, head_dim):
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) configs of `table` for one dtype and head_dim."""
+    size = dtype.itemsize
+    if (size, head_dim) not in table:
+        raise ValueError(f"the Triton attention kernel has no config for {dtype} at head_dim {head_dim}: "
+                         "use bfloat16, float16 or float32 with head_dim 32, 64 or 128, or attn_impl='sdpa'")
+    return table[size, head_dim]
+
+
+def _autotune(kernel, table):
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in candidates]
+        return triton.autotune([_config(64, 64, 4, 1)], key=_KEY)(kernel)
+
+    def prune(configs, named_args, **kwargs):  # only what fits this dtype and head_dim is ever launched
+        listed = _listed(table, named_args["Q"].dtype, kwargs["HEAD_DIM"])
+        return [c for c in configs if (*c.kwargs.values(), c.num_warps, c.num_stages) in listed]
+
+    every = [_config(*c) for c in sorted({c for configs in table.values() for c in configs})]
+    return triton.autotune(every, key=_KEY, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
-_KEY = ["T", "HEAD_DIM", "CAUSAL", "group"]
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). The backward kernels keep the looped-over dim small;
-# at D=128 bf16 the big ones compile for sm_90 to wgmma with no (fwd, dq) or <= 128 B (dkdv) of
-# register spills; the 64x64 two-stage ones are the fallback that fits shared memory for fp32.
-_FWD_CONFIGS = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 2)]
-_DKDV_CONFIGS = [(32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 8, 2)]
-_DQ_CONFIGS = [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2)]
-_attn_fwd = triton.autotune(_configs(_FWD_CONFIGS), key=_KEY)(_attn_fwd)
-_attn_bwd_dkdv = triton.autotune(_configs(_DKDV_CONFIGS), key=_KEY)(_attn_bwd_dkdv)
-_attn_bwd_dq = triton.autotune(_configs(_DQ_CONFIGS), key=_KEY)(_attn_bwd_dq)
+_attn_fwd = _autotune(_attn_fwd, _FWD_CONFIGS)
+_attn_bwd_dkdv = _autotune(_attn_bwd_dkdv, _DKDV_CONFIGS)
+_attn_bwd_dq = _autotune(_attn_bwd_dq, _DQ_CONFIGS)
 
 
 def _launch_args(q, k, window):
@@ -349,7 +391,7 @@ def _launch_args(q, k, window):
     assert D in (32, 64, 128), f"head_dim must be 32, 64 or 128 for the Triton attention kernel, got {D}"
     # fp32 inputs: 3xTF32 keeps ~fp32 accuracy on tensor cores ("ieee" compiles to spilling FMA loops)
     precision = "tf32x3" if q.dtype == torch.float32 else "tf32"
-    return dict(T=T, H=H, group=H // k.size(2), window=NO_WINDOW if window is None else window,
+    return dict(T=T, T_BUCKET=_t_bucket(T), H=H, group=H // k.size(2), window=NO_WINDOW if window is None else window,
                 stride_qb=q.stride(0), stride_qt=q.stride(1), stride_kb=k.stride(0), stride_kt=k.stride(1),
                 HEAD_DIM=D, UPCAST=INTERPRET, PRECISION=precision)
 
@@ -439,6 +481,8 @@ def unsupported(device_type, dtype, head_dim):
         return f"head_dim={head_dim} (the kernels support {', '.join(map(str, HEAD_DIMS))})"
     if dtype not in DTYPES:
         return f"dtype {dtype} (the kernels support float32, bfloat16, float16)"
+    if any((dtype.itemsize, head_dim) not in table for table in (_FWD_CONFIGS, _DKDV_CONFIGS, _DQ_CONFIGS)):
+        return f"{dtype} at head_dim={head_dim} (no launch config fits it)"  # the config tables decide
     return None
 
 

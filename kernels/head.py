@@ -117,33 +117,37 @@ def _dlogits_kernel(
     tl.store(ptrs, g, mask=mask)
 
 
-def _triton_cfg(d):
+def _triton_cfg(d, dtype):
     if _INTERPRET:  # few, large programs: the interpreter pays per op, not per element
         return dict(BLOCK_M=64, BLOCK_V=256, BLOCK_D=min(128, triton.next_power_of_2(d)),
-                    TILES_PER_PROG=1 << 20), {}
-    return dict(BLOCK_M=128, BLOCK_V=128, BLOCK_D=64, TILES_PER_PROG=8), dict(num_warps=8, num_stages=3)
+                    TILES_PER_PROG=1 << 20, DOT_PRECISION="ieee"), {}
+    # Compiles for sm_90 to wgmma with no register spills, within the H100's shared memory
+    # (tests/test_kernel_configs.py). fp32 inputs: tf32x3 (three tf32 products, about fp32 accuracy, on tensor
+    # cores; "ieee" is an FMA loop that spills) on a narrower k step, as tf32x3 keeps two parts of each operand.
+    fp32 = dtype == torch.float32
+    return dict(BLOCK_M=128, BLOCK_V=128, BLOCK_D=32 if fp32 else 64, TILES_PER_PROG=8,
+                DOT_PRECISION="tf32x3" if fp32 else "tf32"), dict(num_warps=8, num_stages=3)
 
 
 def _triton_chunk(x, weight, buf, targets, row_scale, logit_mult, softcap, ignore_index):
     """Loss rows of one chunk; if row_scale is given, buf is overwritten with fp32 dloss/dlogits."""
     n, d = x.shape
     V = weight.shape[0]
-    cfg, launch = _triton_cfg(d)
+    cfg, launch = _triton_cfg(d, x.dtype)
     vocab_per_prog = cfg["BLOCK_V"] * cfg["TILES_PER_PROG"]
     n_splits = triton.cdiv(V, vocab_per_prog)
     lse_parts = torch.empty(n, n_splits, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), n_splits)
     _logits_lse_kernel[grid](
         x, weight, buf, lse_parts, n, V, d, x.stride(0), weight.stride(0), buf.stride(0), n_splits,
-        logit_mult, softcap, UPCAST=_INTERPRET,
-        # fp32 inputs get true fp32 products, like torch's default (TF32 off)
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **cfg, **launch)
+        logit_mult, softcap, UPCAST=_INTERPRET, **cfg, **launch)
     lse = torch.logsumexp(lse_parts, dim=1)
     loss = _rows_loss(buf, lse, targets, ignore_index)
     if row_scale is not None:
         grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(V, cfg["BLOCK_V"]))
+        # 8 warps: a 128 x 128 fp32 tile on 4 warps needs 255 registers and spills
         _dlogits_kernel[grid](buf, lse, targets, row_scale, n, V, buf.stride(0), logit_mult, softcap,
-                              BLOCK_M=cfg["BLOCK_M"], BLOCK_V=cfg["BLOCK_V"])
+                              BLOCK_M=cfg["BLOCK_M"], BLOCK_V=cfg["BLOCK_V"], num_warps=8)
     return loss
 
 

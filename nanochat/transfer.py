@@ -118,6 +118,7 @@ def read_runs(sweep_dir):
         if not os.path.isfile(done):
             continue
         row = dict(json.load(open(os.path.join(run, "point.json"))), hp=meta["hp"], run=run)
+        row["base_width"] = json.load(open(os.path.join(run, "config.json")))["model_config"]["mup_base_width"]
         status = open(done).read().strip()
         m = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl")) if line.strip()]
         evals = [r["val_bpb"] for r in m if "val_bpb" in r]
@@ -197,6 +198,8 @@ def summarize(rows, metric="val_bpb", n_boot=1000, seed=0):
             for j, (xs, seeds, Y) in enumerate(curves):
                 boot[b, j] = fit_optimum(xs, mean_curve(Y[rng.integers(0, len(seeds), len(seeds))]))
         boot_slopes = np.array([slope(widths, o) for o in boot])
+        if min(len(c[1]) for c in curves) < 2:  # one seed: nothing to resample
+            boot[:], boot_slopes[:] = np.nan, np.nan
         best = [min(ys) for ys in means]
         out[mode, depth] = dict(
             widths=widths, xs=[c[0] for c in curves], means=means, n_seeds=[len(c[1]) for c in curves],
@@ -218,7 +221,7 @@ def recommend(s, base_width, target_width):
     if not ok:
         return math.nan, "no finite optimum"
     lo, hi = s["slope_ci"]
-    if len(ok) < 2 or not (lo <= 0 <= hi):
+    if len(ok) < 2 or not (lo <= 1e-9 and hi >= -1e-9):  # a nan interval (one seed) counts as excluding 0
         if len(ok) >= 2:
             k, c = np.polyfit(*zip(*ok), 1)
             return float(k * math.log2(target_width) + c), f"fitted line extrapolated to width {target_width}"

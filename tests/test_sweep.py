@@ -1,0 +1,97 @@
+"""End-to-end transfer sweep: scripts/sweep.sh (two shards in parallel, resume, a killed run) on a tiny model and
+the generated corpus, then scripts/transfer_report.py and the command it recommends."""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SWEEP = ["bash", os.path.join(ROOT, "scripts", "sweep.sh")]
+TRAIN = ["--head-dim", "8", "--sequence-len", "32", "--device-batch-size", "4", "--num-iterations", "3",
+         "--eval-tokens", "256", "--eval-every", "0", "--device", "cpu", "--dtype", "float32"]
+
+
+def env(**kw):
+    return dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", WANDB_MODE="disabled", **kw)
+
+
+def sweep_args(corpus, out, **kw):
+    flags = {**dict(hp="matrix_lr", out=str(out), widths="16 32", mults="-1 0 1", seeds="0", depths="1"), **kw}
+    return [a for k, v in flags.items() for a in (f"--{k}", v)] + ["--", *TRAIN, "--data-dir", corpus["data"],
+                                                                     "--tokenizer-dir", corpus["tok"]]
+
+
+@pytest.fixture(scope="module")
+def swept(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "mlr"
+    procs = [subprocess.Popen(SWEEP + sweep_args(corpus, out), env=env(SHARD=f"{i}/2"), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    return out, logs
+
+
+def test_sweep_runs_every_point_once_with_the_swept_value(swept):
+    out, logs = swept
+    assert all("6 in shard" in log and "ETA" in log for log in logs)
+    runs = sorted(p for p in out.iterdir() if p.is_dir())
+    assert len(runs) == 12  # 2 widths x 3 multipliers x 2 modes x 1 seed
+    for run in runs:
+        point, cfg = json.load(open(run / "point.json")), json.load(open(run / "config.json"))
+        assert (run / "DONE").read_text().strip() == "ok"
+        assert len(open(run / "metrics.jsonl").readlines()) == 3
+        assert not (run / "checkpoints").exists()
+        assert cfg["args"]["matrix_lr"] == pytest.approx(0.02 * 2.0 ** point["x"])
+        assert cfg["model_config"]["n_embd"] == point["width"]
+        assert cfg["model_config"]["mup_base_width"] == (16 if point["mode"] == "mup" else 0)
+
+
+def test_sweep_resumes_and_restarts_a_killed_run(swept, corpus):
+    out, _ = swept
+    killed = out / "mup_d1_w32_x1_s0"
+    (killed / "DONE").unlink()
+    (killed / "partial").write_text("left by a killed run")
+    r = subprocess.run(SWEEP + sweep_args(corpus, out), env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("skipped") == 11 and r.stdout.count(": ok in") == 1, r.stdout
+    assert (killed / "DONE").read_text().strip() == "ok" and not (killed / "partial").exists()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(shard="2/2"), "--shard 2/2"),
+    (dict(widths="16 x"), "x is not an integer"),
+    (dict(hp="output_mult"), "pass --modes mup"),
+    (dict(hp="nope"), "not sweepable"),
+])
+def test_sweep_refuses_bad_arguments_in_one_line(corpus, tmp_path, bad, message):
+    r = subprocess.run(SWEEP + sweep_args(corpus, tmp_path / "s", **bad), env=env(), capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_report_files_and_recommended_command(swept, corpus, tmp_path):
+    out, _ = swept
+    rep = tmp_path / "report"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "transfer_report.py"), str(out), "--out",
+                        str(rep), "--n-boot", "50"], env=env(PYTHONPATH=ROOT), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (rep / "transfer_matrix_lr.png").stat().st_size > 5000
+    assert "slope of log2 optimum" in (rep / "report.md").read_text()
+    report = json.load(open(rep / "report.json"))
+    x = report["sweeps"]["matrix_lr"]["recommended_log2"]
+    assert -1 <= x <= 1 or report["sweeps"]["matrix_lr"]["recommended_how"].startswith("fitted line")
+    cmd = shlex.split(report["command"])
+    assert cmd[:8] == ["python", "scripts/base_train.py", "--n-embd", "128", "--depth", "1", "--mup-base-width", "16"]
+    assert cmd[cmd.index("--matrix-lr") + 1] == f"{0.02 * 2.0 ** x:.4g}" and cmd.count("--matrix-lr") == 1
+    assert report["command"] in r.stdout
+    # the recommendation runs as printed (one step, into a fresh directory)
+    run = subprocess.run([sys.executable, *cmd[1:], "--num-iterations", "1", "--out-dir", str(tmp_path / "big")],
+                         cwd=ROOT, env=env(PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.load(open(tmp_path / "big" / "config.json"))["model_config"]["n_embd"] == 128

@@ -98,7 +98,8 @@ for d in args.dirs:
     lines += [f"## {meta['hp']} ({d})", "", f"Base {meta['base']}; base_train options: `{shlex.join(meta['extra'])}`; "
               f"{len(rows)} runs ({sum(r['diverged'] for r in rows)} diverged); metric {args.metric}; plot "
               f"`{os.path.basename(png)}`.", "",
-              "| mode | depth | width | seeds | fitted optimum (log2) [95% CI] | best loss |", "|---|---|---|---|---|---|"]
+              "| mode | depth | width | seeds | fitted optimum (log2) [95% CI] | best loss |",
+              "|---|---|---|---|---|---|"]
     for (mode, dep), s in sorted(summary.items()):
         for i, w in enumerate(s["widths"]):
             lines.append(f"| {mode} | {dep} | {w} | {s['n_seeds'][i]} | {fmt(s['optima'][i], s['optima_ci'][i])} "

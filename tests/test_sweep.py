@@ -2,12 +2,16 @@
 the generated corpus, then scripts/transfer_report.py and the command it recommends."""
 
 import json
+import math
 import os
 import shlex
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+
+from nanochat.transfer import fit_optimum, recommend, summarize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = ["bash", os.path.join(ROOT, "scripts", "sweep.sh")]
@@ -95,3 +99,23 @@ def test_report_files_and_recommended_command(swept, corpus, tmp_path):
                          cwd=ROOT, env=env(PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.load(open(tmp_path / "big" / "config.json"))["model_config"]["n_embd"] == 128
+
+
+def test_fit_recovers_a_known_optimum_drift_and_its_interval():
+    # loss = (x - x*(w))^2 + seed noise, with x*(w) = 0.5 * log2(w / 64): slope 0.5; a diverged point counts as +inf
+    assert fit_optimum([-1, 0, 1, 2], [2.25, 0.25, 0.25, 2.25]) == pytest.approx(0.5)
+    assert fit_optimum([-1, 0, 1], [3.0, 2.0, 1.0]) == 1  # best at the edge: the edge itself
+    rng = np.random.default_rng(0)
+    rows = [dict(mode=mode, depth=2, width=w, seed=s, x=x,
+                 val_bpb=math.inf if x == 3 and w == 256 else (x - k * math.log2(w / 64)) ** 2 + 0.01 * rng.normal())
+            for mode, k in (("mup", 0.0), ("sp", 0.5)) for w in (64, 128, 256) for s in range(3)
+            for x in (-2, -1, 0, 1, 2, 3)]
+    s = summarize(rows, "val_bpb", n_boot=200)
+    assert s["sp", 2]["slope"] == pytest.approx(0.5, abs=0.05) and s["sp", 2]["slope_ci"][0] > 0.3
+    mup = s["mup", 2]
+    assert abs(mup["slope"]) < 0.05 and mup["slope_ci"][0] <= 0 <= mup["slope_ci"][1]
+    assert all(lo <= o <= hi for o, (lo, hi) in zip(mup["optima"], mup["optima_ci"]))
+    x, how = recommend(mup, 64, 1024)
+    assert abs(x) < 0.05 and how.startswith("mean")
+    x, how = recommend(s["sp", 2], 64, 1024)  # SP drifts: extrapolate the line to width 1024 (x* = 2)
+    assert x == pytest.approx(2.0, abs=0.2) and how.startswith("fitted line")

@@ -96,9 +96,10 @@ def plan(out_dir, hp, mults, modes, widths, extra):
                              f"{' '.join(old.get('extra', []))}): pick another --out or delete it")
     else:
         os.makedirs(out_dir, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
+        tmp = f"{path}.{os.getpid()}.tmp"  # shards starting together each write a whole file
+        with open(tmp, "w") as f:
             json.dump(meta, f, indent=1)
-        os.replace(path + ".tmp", path)
+        os.replace(tmp, path)
     return {x: [a for o in HPS[hp] for a in (o, f"{bases[o] * 2.0 ** x:.6g}")] for x in xs}
 
 

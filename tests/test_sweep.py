@@ -119,3 +119,25 @@ def test_fit_recovers_a_known_optimum_drift_and_its_interval():
     assert abs(x) < 0.05 and how.startswith("mean")
     x, how = recommend(s["sp", 2], 64, 1024)  # SP drifts: extrapolate the line to width 1024 (x* = 2)
     assert x == pytest.approx(2.0, abs=0.2) and how.startswith("fitted line")
+
+
+@pytest.mark.parametrize("mup", [0, 32])
+def test_init_scale_multiplies_every_init_std_but_the_scalars(mup):
+    import torch
+
+    from nanochat.checkpoint import build_model
+    from nanochat.gpt import GPTConfig
+
+    models = []
+    for scale in (1.0, 2.5):
+        torch.manual_seed(0)
+        cfg = GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=64,
+                        mup_base_width=mup, init_scale=scale)
+        models.append(dict(build_model(cfg, "cpu").named_parameters()))
+    for name, p in models[0].items():
+        q = models[1][name]
+        want = p if name in ("resid_lambdas", "x0_lambdas") else 2.5 * p  # same draws, scaled
+        assert torch.allclose(q, want), name
+    assert models[0]["transformer.wte.weight"].abs().sum() > 0
+    with pytest.raises(ValueError, match="init_scale"):
+        GPTConfig(init_scale=0.0)

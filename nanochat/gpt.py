@@ -43,6 +43,7 @@ class GPTConfig:
     mup_base_n_layer: int = 0  # 0 = n_layer; must equal n_layer (muP transfers across width, not depth)
     attn_mult: float = 0.0  # muP attention logit scale is attn_mult / head_dim; 0 = sqrt(base head_dim)
     output_mult: float = 1.0  # muP logits are multiplied by output_mult / m
+    init_scale: float = 1.0  # multiplies every init std (matrices, embedding, readout): a tunable base HP
     attn_impl: str = "auto"  # auto (Triton on CUDA, else SDPA), triton (kernels/attention.py), sdpa
     head_impl: str = "auto"  # auto (Triton on CUDA, else chunked), triton, chunked (kernels/head.py), eager
 
@@ -61,9 +62,9 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.window_pattern={self.window_pattern!r}: use only 'L' and 'S' characters")
         if not isinstance(self.mup_base_width, int) or self.mup_base_width < 0:
             raise ValueError(f"GPTConfig.mup_base_width={self.mup_base_width!r}: must be 0 (SP) or a positive int")
-        for name in ("softcap", "attn_mult", "output_mult"):
+        for name in ("softcap", "attn_mult", "output_mult", "init_scale"):
             value = getattr(self, name)
-            if not math.isfinite(value) or value < 0 or (value == 0 and name == "output_mult"):
+            if not math.isfinite(value) or value < 0 or (value == 0 and name in ("output_mult", "init_scale")):
                 raise ValueError(f"GPTConfig.{name}={value!r}: must be a finite positive number")
         self._resolve_mup_base()
         if self.attn_impl not in ("auto", "triton", "sdpa"):
@@ -334,16 +335,18 @@ class GPT(nn.Module):
         Matrices and the embedding: SP's std at the base shape times r_in^-1/2 * min(1, r_out/r_in)^1/2, so the
         spectral norm scales like sqrt(fan_out/fan_in) from the base (Yang, Simon & Bernstein 2023, Cond. 1;
         TP5 Table 3): hidden 1/sqrt(fan_in), input constant, output ~1/fan_in. SP's std: embedding 1, matrices
-        1/sqrt(fan_in), out-projections 0 (nanochat). lm_head: SP 0.001, muP 0 (TP5 sec. D.2)."""
+        1/sqrt(fan_in), out-projections 0 (nanochat). lm_head: SP 0.001, muP 0 (TP5 sec. D.2).
+        `init_scale` multiplies every std but the scalars' (initial values, not stds): TP5's tunable init
+        multiplier (sec. 4), the same in both modes, so it is swept at the base width and transfers under muP."""
         role = s["role"]
         if role == "scalar":
             return 1.0 if name == "resid_lambdas" else 0.0
         if role == "readout":
-            return 0.0 if self.config.use_mup else 0.001
+            return 0.0 if self.config.use_mup else 0.001 * self.config.init_scale
         if name.endswith("c_proj.weight"):
             return 0.0
         base_std = 1.0 if role == "embedding" else (s["fan_in"] / s["r_in"]) ** -0.5
-        return base_std * s["r_in"] ** -0.5 * min(1.0, s["r_out"] / s["r_in"]) ** 0.5
+        return self.config.init_scale * base_std * s["r_in"] ** -0.5 * min(1.0, s["r_out"] / s["r_in"]) ** 0.5
 
     def _resolve_mup(self, use_mup, base_width):
         cfg = self.config

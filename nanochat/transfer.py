@@ -1,139 +1,246 @@
 """
-muP evidence, part 2: hyperparameter transfer across width (Tensor Programs V, Yang et al. 2022, sec. 1, Fig. 1).
+Hyperparameter transfer across width (Tensor Programs V, Yang et al. 2022, sec. 1 and Fig. 1), on the training
+path itself: `scripts/sweep.sh` runs one `scripts/base_train.py` per grid point, this module plans the swept
+options, reads the run directories back and fits them; `scripts/transfer_report.py` prints and plots the result.
 
-`train_once` trains one short byte-level Shakespeare run; the LR multiplier scales every LR of
-`setup_optimizer` (matrix, embedding, unembedding, scalar): a global LR, as in TP5's transfer plots, so the
-SP/muP difference at the embedding and readout (the only places they differ with Muon) is inside the swept
-knob. `fit_optimum` and `transfer_summary` turn result rows into the fitted optimum per width and its spread.
+One hyperparameter is swept at a time, as multipliers 2^x on its base value with every other at its base (TP5
+tunes and transfers each group separately; a single global multiplier mixes groups whose optima differ).
+The fitted optimum per width is the vertex of a parabola in x through the best grid point and its neighbours;
+the bootstrap resamples seeds; the transfer summary is the slope of the optimum against log2(width), which muP
+predicts to be 0 and SP predicts to drift where its rule differs from muP's.
+
+    python -m nanochat.transfer plan DIR HP "MULTS" "MODES" "WIDTHS" -- [base_train options]   (sweep.sh's planner)
 """
 
+import argparse
+import inspect
 import json
 import math
 import os
+import sys
 
 import numpy as np
-import torch
 
-from nanochat.coord_check import build_model, byte_batches, load_text_bytes
-
-KEY_FIELDS = ("setup", "mode", "width", "lr_log2", "output_mult", "seed", "steps", "depth", "head_dim", "B", "T",
-              "base_width")
-
-
-def train_once(width, mode="mup", lr_log2=0.0, seed=0, steps=80, setup="muon", output_mult=1.0, depth=2,
-               head_dim=32, B=8, T=64, base_width=64, warmdown=0.3, data=None, n_val=8, device="cpu", base_depth=0):
-    """One training run; returns its JSON row (config + train loss averaged over the last 10% of steps
-    + val loss on fixed val batches). Constant LR, then linear warmdown to 0 over the last `warmdown` fraction
-    (a final loss that is less noisy than constant LR at the same cost). A `base_depth` other than `depth` is
-    refused (muP covers width only)."""
-    data = load_text_bytes() if data is None else data
-    torch.manual_seed(seed)
-    model = build_model(width, mode == "mup", base_width, head_dim, depth, T, seed, output_mult, device,
-                        base_depth=base_depth)
-    mult = 2.0**lr_log2
-    lrs = dict(matrix_lr={"muon": 0.02, "adamw": 0.003}[setup], embedding_lr=0.2, unembedding_lr=0.004, scalar_lr=0.5)
-    opt = model.setup_optimizer(**{k: v * mult for k, v in lrs.items()}, matrix_optimizer=setup)
-    # the same batches at every width and LR: the curves differ only by the model
-    train = byte_batches(data, B, T, steps, seed=seed, split="train", device=device)
-    losses = []
-    n_flat = int(steps * (1 - warmdown))
-    for step, (x, y) in enumerate(train):
-        frac = 1.0 if step < n_flat else (steps - step) / (steps - n_flat)
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * frac
-        loss = model(x, y)
-        loss.backward()
-        opt.step()
-        model.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if not math.isfinite(losses[-1]):
-            break
-    last = losses[-max(1, steps // 10):]
-    train_loss = sum(last) / len(last) if len(losses) == steps else float("nan")
-    val_loss = float("nan")
-    if math.isfinite(train_loss):
-        with torch.no_grad():
-            model.eval()
-            val_batches = byte_batches(data, B, T, n_val, seed=777, split="val", device=device)
-            val = [model(x, y).item() for x, y in val_batches]
-            val_loss = sum(val) / len(val)
-    row = dict(setup=setup, mode=mode, width=width, lr_log2=float(lr_log2), output_mult=float(output_mult), seed=seed,
-               steps=steps, depth=depth, head_dim=head_dim, B=B, T=T, base_width=base_width)
-    row.update(train_loss=train_loss, val_loss=val_loss)
-    return row
+# hp -> the base_train options it scales (a global LR scales every LR group together)
+LR_OPTS = ("--matrix-lr", "--embedding-lr", "--unembedding-lr", "--scalar-lr")
+HPS = {
+    "matrix_lr": ("--matrix-lr",),
+    "embedding_lr": ("--embedding-lr",),
+    "unembedding_lr": ("--unembedding-lr",),
+    "scalar_lr": ("--scalar-lr",),
+    "lr": LR_OPTS,
+    "output_mult": ("--output-mult",),
+    "attn_mult": ("--attn-mult",),
+    "weight_decay": ("--weight-decay",),
+    "init_scale": ("--init-scale",),
+}
+MUP_ONLY = {"output_mult", "attn_mult"}  # SP has no such knob (its logits and attention scale are fixed)
+OWNED = ("--n-embd", "--n-head", "--mup-base-width", "--depth", "--seed", "--out-dir", "--resume")  # set per point
 
 
-def row_key(row):
-    return tuple(row[k] for k in KEY_FIELDS)
+def _spellings(opt):
+    return [opt, "--" + opt[2:].replace("-", "_")]
 
 
-def read_rows(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def base_values(extra):
+    """The base value of every sweepable option: as given in `extra` (base_train options), else base_train's
+    default. attn_mult's default 0 means sqrt(base head_dim) (GPTConfig), resolved here so it can be scaled."""
+    from nanochat.gpt import DEFAULT_MATRIX_LR, GPT, GPTConfig  # torch: only the planner pays for it
 
-
-def append_row(path, row):
-    """Append one JSON line with flush + fsync (O_APPEND: concurrent shards do not interleave a line)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-# -----------------------------------------------------------------------------------------------------
-# analysis
-
-
-def mean_curves(rows, metric="train_loss", hp="lr_log2"):
-    """{(mode, width): (xs, mean, std, n)} over seeds; a diverged run (nan/inf) counts as +inf."""
-    acc = {}
-    for r in rows:
-        v = r[metric]
-        v = v if v is not None and math.isfinite(v) else float("inf")
-        acc.setdefault((r["mode"], r["width"]), {}).setdefault(r[hp], []).append(v)
-    out = {}
-    for key, by_x in acc.items():
-        xs = sorted(by_x)
-        out[key] = (xs, [float(np.mean(by_x[x])) for x in xs], [float(np.std(by_x[x])) for x in xs],
-                    [len(by_x[x]) for x in xs])
+    p = argparse.ArgumentParser(add_help=False)
+    opts = sorted({o for v in HPS.values() for o in v} | {"--matrix-optimizer", "--head-dim", "--mup-base-head-dim"})
+    for o in opts:
+        p.add_argument(*_spellings(o), dest=o)
+    ns, _ = p.parse_known_args(extra)
+    got = {o: getattr(ns, o) for o in opts}
+    rules = inspect.signature(GPT.param_rules).parameters
+    defaults = {"--matrix-lr": DEFAULT_MATRIX_LR[got["--matrix-optimizer"] or "muon"],
+                "--embedding-lr": rules["embedding_lr"].default, "--unembedding-lr": rules["unembedding_lr"].default,
+                "--scalar-lr": rules["scalar_lr"].default, "--weight-decay": rules["weight_decay"].default,
+                "--output-mult": GPTConfig.output_mult, "--init-scale": GPTConfig.init_scale, "--attn-mult": 0.0}
+    out = {o: float(got[o]) if got[o] is not None else d for o, d in defaults.items()}
+    out["head_dim"] = int(got["--head-dim"] or 64)
+    if out["--attn-mult"] == 0:
+        out["--attn-mult"] = math.sqrt(float(got["--mup-base-head-dim"] or out["head_dim"]))
     return out
 
 
+def plan(out_dir, hp, mults, modes, widths, extra):
+    """Check a sweep's definition and return {x: [base_train args setting the swept options to base * 2^x]}.
+    Records it in out_dir/sweep.json; an existing one must agree (a resumed sweep keeps its meaning).
+    Raises ValueError with a one-line message."""
+    if hp not in HPS:
+        raise ValueError(f"--hp {hp}: not sweepable: pass one of {', '.join(HPS)}")
+    if hp in MUP_ONLY and "sp" in modes:
+        raise ValueError(f"--hp {hp} is a muP knob (SP has none): pass --modes mup")
+    for a in extra:
+        if a.split("=")[0].replace("_", "-") in OWNED:
+            raise ValueError(f"base_train option {a} is set by the sweep for every point: use the sweep's flags "
+                             "(--widths, --depths, --seeds, --base-width, --out)")
+    bases = base_values(extra)
+    hd = int(bases.pop("head_dim"))
+    for w in widths:  # base_train would otherwise round the head count and silently change the head dim
+        if int(w) % hd:
+            raise ValueError(f"width {w} is not a multiple of the head dim {hd}: pick multiples of it or pass "
+                             "--head-dim after --")
+    for o in HPS[hp]:
+        if bases[o] == 0:
+            raise ValueError(f"--hp {hp}: the base value of {o} is 0 and 2^x * 0 = 0: pass {o} V (V > 0) after --")
+    xs = [float(m) for m in mults]
+    meta = dict(hp=hp, options=list(HPS[hp]), base={o: bases[o] for o in HPS[hp]}, extra=list(extra))
+    path = os.path.join(out_dir, "sweep.json")
+    if os.path.exists(path):
+        old = json.load(open(path))
+        if {k: old.get(k) for k in meta} != meta:
+            raise ValueError(f"--out {out_dir} holds another sweep ({old.get('hp')}, base {old.get('base')}, options "
+                             f"{' '.join(old.get('extra', []))}): pick another --out or delete it")
+    else:
+        os.makedirs(out_dir, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"  # shards starting together each write a whole file
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(tmp, path)
+    return {x: [a for o in HPS[hp] for a in (o, f"{bases[o] * 2.0 ** x:.6g}")] for x in xs}
+
+
+# -----------------------------------------------------------------------------------------------------
+# reading run directories
+
+
+def read_runs(sweep_dir):
+    """One row per finished point of a sweep directory (the ones with a DONE marker): mode, width, depth, seed, x
+    (log2 multiplier), val_bpb (the final evaluation) and train_loss (mean of the last 10% of steps).
+    A run that stopped on a non-finite value (base_train exit 3: it diverged) counts as +inf."""
+    meta = json.load(open(os.path.join(sweep_dir, "sweep.json")))
+    rows = []
+    for name in sorted(os.listdir(sweep_dir)):
+        run = os.path.join(sweep_dir, name)
+        done = os.path.join(run, "DONE")
+        if not os.path.isfile(done):
+            continue
+        row = dict(json.load(open(os.path.join(run, "point.json"))), hp=meta["hp"], run=run)
+        row["base_width"] = json.load(open(os.path.join(run, "config.json")))["model_config"]["mup_base_width"]
+        status = open(done).read().strip()
+        m = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl")) if line.strip()]
+        evals = [r["val_bpb"] for r in m if "val_bpb" in r]
+        if status == "ok" and m and evals:
+            last = m[-max(1, len(m) // 10):]
+            row.update(val_bpb=evals[-1], train_loss=sum(r["train_loss"] for r in last) / len(last))
+        else:
+            row.update(val_bpb=math.inf, train_loss=math.inf)
+        row["diverged"] = status != "ok"
+        rows.append(row)
+    return meta, rows
+
+
+# -----------------------------------------------------------------------------------------------------
+# fitting
+
+
 def fit_optimum(xs, ys):
-    """Optimum in x (e.g. log2 LR): vertex of the parabola through the best point and its two neighbours,
-    clamped to that bracket; the best point itself at the edge of the grid or when the fit is not convex."""
+    """Optimum in x (log2 multiplier): vertex of the parabola through the best point and its two neighbours,
+    clamped to that bracket; the best point itself at the edge of the grid or when the fit is not convex.
+    A missing point (nan) counts as +inf, like a diverged one."""
+    ys = [math.inf if math.isnan(y) else y for y in ys]
     i = int(np.argmin(ys))
     if not math.isfinite(ys[i]):
-        return float("nan")
-    if i == 0 or i == len(xs) - 1 or not all(math.isfinite(y) for y in ys[i - 1 : i + 2]):
+        return math.nan
+    if i == 0 or i == len(xs) - 1 or not all(math.isfinite(y) for y in ys[i - 1:i + 2]):
         return float(xs[i])
-    a, b, _ = np.polyfit(xs[i - 1 : i + 2], ys[i - 1 : i + 2], 2)
+    a, b, _ = np.polyfit(xs[i - 1:i + 2], ys[i - 1:i + 2], 2)
     if a <= 0:
         return float(xs[i])
     return float(min(max(-b / (2 * a), xs[i - 1]), xs[i + 1]))
 
 
-def transfer_summary(rows, metric="train_loss", hp="lr_log2"):
-    """Fitted optimum per (mode, width), spread per mode (max - min of optima), and the muP
-    'wider is better' check (loss falls monotonically with width at every x within 2 of the muP optimum)."""
-    curves = mean_curves(rows, metric, hp)
-    optima = {k: fit_optimum(c[0], c[1]) for k, c in curves.items()}
-    spread = {}
-    for mode in ("sp", "mup"):
-        opts = [v for (m, _), v in optima.items() if m == mode and math.isfinite(v)]
-        spread[mode] = max(opts) - min(opts) if len(opts) > 1 else float("nan")
-    wider = None
-    mup_w = sorted(w for m, w in curves if m == "mup")
-    if len(mup_w) > 1:
-        center = float(np.mean([optima[("mup", w)] for w in mup_w]))
-        wider = True
-        xs_all = sorted(set.intersection(*[set(curves[("mup", w)][0]) for w in mup_w]))
-        for x in xs_all:
-            if abs(x - center) > 2:
-                continue
-            ys = [curves[("mup", w)][1][curves[("mup", w)][0].index(x)] for w in mup_w]
-            wider &= all(b <= a for a, b in zip(ys, ys[1:]))
-    return dict(curves=curves, optima=optima, spread=spread, wider_is_better=wider)
+def grid(rows, metric):
+    """{(mode, depth, width): (xs, seeds, Y)} with Y[seed index, x index] (nan where a point is missing)."""
+    acc = {}
+    for r in rows:
+        acc.setdefault((r["mode"], r["depth"], r["width"]), []).append(r)
+    out = {}
+    for key, rs in acc.items():
+        xs, seeds = sorted({r["x"] for r in rs}), sorted({r["seed"] for r in rs})
+        Y = np.full((len(seeds), len(xs)), np.nan)
+        for r in rs:
+            Y[seeds.index(r["seed"]), xs.index(r["x"])] = r[metric]
+        out[key] = (xs, seeds, Y)
+    return out
+
+
+def mean_curve(Y):
+    """Mean over seeds per x (a diverged seed makes the point +inf; a missing one is left out)."""
+    with np.errstate(invalid="ignore"):
+        return [float(np.nanmean(c)) if np.isfinite(c).any() or np.isinf(c).any() else math.nan for c in Y.T]
+
+
+def slope(widths, optima):
+    """Least-squares slope of log2(optimum multiplier) against log2(width)."""
+    ok = [(math.log2(w), o) for w, o in zip(widths, optima) if math.isfinite(o)]
+    if len(ok) < 2:
+        return math.nan
+    return float(np.polyfit(*zip(*ok), 1)[0])
+
+
+def summarize(rows, metric="val_bpb", n_boot=1000, seed=0):
+    """Per (mode, depth): widths, mean curves, fitted optima with a 95% bootstrap interval over seeds, the slope
+    of the optimum vs log2 width with its interval, best loss per width and the wider-is-better check (the best
+    loss falls with every doubling of width)."""
+    rng = np.random.default_rng(seed)
+    g = grid(rows, metric)
+    out = {}
+    for mode, depth in sorted({k[:2] for k in g}):
+        widths = sorted(w for m, d, w in g if (m, d) == (mode, depth))
+        curves = [g[mode, depth, w] for w in widths]
+        means = [mean_curve(Y) for _, _, Y in curves]
+        optima = [fit_optimum(xs, ys) for (xs, _, _), ys in zip(curves, means)]
+        boot = np.full((n_boot, len(widths)), np.nan)
+        for b in range(n_boot):
+            for j, (xs, seeds, Y) in enumerate(curves):
+                boot[b, j] = fit_optimum(xs, mean_curve(Y[rng.integers(0, len(seeds), len(seeds))]))
+        boot_slopes = np.array([slope(widths, o) for o in boot])
+        if min(len(c[1]) for c in curves) < 2:  # one seed: nothing to resample
+            boot[:], boot_slopes[:] = np.nan, np.nan
+        best = [min(ys) for ys in means]
+        out[mode, depth] = dict(
+            widths=widths, xs=[c[0] for c in curves], means=means, n_seeds=[len(c[1]) for c in curves],
+            optima=optima, optima_ci=[_ci(boot[:, j]) for j in range(len(widths))],
+            slope=slope(widths, optima), slope_ci=_ci(boot_slopes), best=best,
+            wider_is_better=all(b < a for a, b in zip(best, best[1:])) if len(widths) > 1 else None)
+    return out
+
+
+def _ci(v):
+    v = v[np.isfinite(v)]
+    return [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) else [math.nan, math.nan]
+
+
+def recommend(s, base_width, target_width):
+    """log2 multiplier for the target width from one mode's summary, and how it was chosen: the mean of the
+    fitted optima when the slope's interval contains 0 (transfer holds), else the fitted line extrapolated."""
+    ok = [(math.log2(w), o) for w, o in zip(s["widths"], s["optima"]) if math.isfinite(o)]
+    if not ok:
+        return math.nan, "no finite optimum"
+    lo, hi = s["slope_ci"]
+    if len(ok) < 2 or not (lo <= 1e-9 and hi >= -1e-9):  # a nan interval (one seed) counts as excluding 0
+        if len(ok) >= 2:
+            k, c = np.polyfit(*zip(*ok), 1)
+            return float(k * math.log2(target_width) + c), f"fitted line extrapolated to width {target_width}"
+        return ok[0][1], "the only width's optimum"
+    return float(np.mean([o for _, o in ok])), "mean of the optima (slope interval contains 0)"
+
+
+def main(argv):
+    if len(argv) < 6 or argv[0] != "plan" or "--" not in argv:
+        sys.exit("usage: python -m nanochat.transfer plan DIR HP MULTS MODES WIDTHS -- [base_train options]")
+    out_dir, hp, mults, modes, widths = argv[1:6]
+    try:
+        for x in plan(out_dir, hp, mults.split(), modes.split(), widths.split(), argv[argv.index("--") + 1:]).items():
+            print(f"{x[0]:g}\t{' '.join(x[1])}")
+    except ValueError as e:
+        print(f"sweep.sh: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

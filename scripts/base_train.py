@@ -51,6 +51,7 @@ parser.add("--mup-base-depth", type=int, default=0, min=0, help="depth the base 
 parser.add("--attn-mult", type=float, default=0.0, min=0,
            help="muP attention logit scale is attn_mult / head_dim (0 = sqrt(base head_dim): SP at the base width)")
 parser.add("--output-mult", type=float, default=1.0, above=0, help="muP logits are multiplied by output_mult / m")
+parser.add("--init-scale", type=float, default=1.0, above=0, help="multiplier on every init std (1 = the rules' stds)")
 # optimization
 parser.add("--matrix-optimizer", default="muon", choices=["muon", "adamw"], help="optimizer for hidden matrices")
 parser.add("--matrix-lr", type=float, default=None, min=0, help="hidden-matrix LR (default: muon 0.02, adamw 0.003)")
@@ -243,7 +244,7 @@ try:
                        softcap=args.softcap, mup_base_width=args.mup_base_width, attn_mult=args.attn_mult,
                        mup_base_head_dim=args.mup_base_head_dim, mup_base_n_kv_head=args.mup_base_n_kv_head,
                        mup_base_n_layer=args.mup_base_depth,
-                       output_mult=args.output_mult, attn_impl=args.attn_impl,
+                       output_mult=args.output_mult, init_scale=args.init_scale, attn_impl=args.attn_impl,
                        head_impl=args.head_impl)
 except ValueError as e:
     parser.error(str(e))

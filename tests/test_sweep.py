@@ -1,0 +1,143 @@
+"""End-to-end transfer sweep: scripts/sweep.sh (two shards in parallel, resume, a killed run) on a tiny model and
+the generated corpus, then scripts/transfer_report.py and the command it recommends."""
+
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nanochat.transfer import fit_optimum, recommend, summarize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SWEEP = ["bash", os.path.join(ROOT, "scripts", "sweep.sh")]
+TRAIN = ["--head-dim", "8", "--sequence-len", "32", "--device-batch-size", "4", "--num-iterations", "3",
+         "--eval-tokens", "256", "--eval-every", "0", "--device", "cpu", "--dtype", "float32"]
+
+
+def env(**kw):
+    return dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", WANDB_MODE="disabled", **kw)
+
+
+def sweep_args(corpus, out, **kw):
+    flags = {**dict(hp="matrix_lr", out=str(out), widths="16 32", mults="-1 0 1", seeds="0", depths="1"), **kw}
+    return [a for k, v in flags.items() for a in (f"--{k}", v)] + ["--", *TRAIN, "--data-dir", corpus["data"],
+                                                                     "--tokenizer-dir", corpus["tok"]]
+
+
+@pytest.fixture(scope="module")
+def swept(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "mlr"
+    procs = [subprocess.Popen(SWEEP + sweep_args(corpus, out), env=env(SHARD=f"{i}/2"), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    return out, logs
+
+
+def test_sweep_runs_every_point_once_with_the_swept_value(swept):
+    out, logs = swept
+    assert all("6 in shard" in log and "ETA" in log for log in logs)
+    runs = sorted(p for p in out.iterdir() if p.is_dir())
+    assert len(runs) == 12  # 2 widths x 3 multipliers x 2 modes x 1 seed
+    for run in runs:
+        point, cfg = json.load(open(run / "point.json")), json.load(open(run / "config.json"))
+        assert (run / "DONE").read_text().strip() == "ok"
+        assert len(open(run / "metrics.jsonl").readlines()) == 3
+        assert not (run / "checkpoints").exists()
+        assert cfg["args"]["matrix_lr"] == pytest.approx(0.02 * 2.0 ** point["x"])
+        assert cfg["model_config"]["n_embd"] == point["width"]
+        assert cfg["model_config"]["mup_base_width"] == (16 if point["mode"] == "mup" else 0)
+
+
+def test_sweep_resumes_and_restarts_a_killed_run(swept, corpus):
+    out, _ = swept
+    killed = out / "mup_d1_w32_x1_s0"
+    (killed / "DONE").unlink()
+    (killed / "partial").write_text("left by a killed run")
+    r = subprocess.run(SWEEP + sweep_args(corpus, out), env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("skipped") == 11 and r.stdout.count(": ok in") == 1, r.stdout
+    assert (killed / "DONE").read_text().strip() == "ok" and not (killed / "partial").exists()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(shard="2/2"), "--shard 2/2"),
+    (dict(widths="16 x"), "x is not an integer"),
+    (dict(hp="output_mult"), "pass --modes mup"),
+    (dict(hp="nope"), "not sweepable"),
+])
+def test_sweep_refuses_bad_arguments_in_one_line(corpus, tmp_path, bad, message):
+    r = subprocess.run(SWEEP + sweep_args(corpus, tmp_path / "s", **bad), env=env(), capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_report_files_and_recommended_command(swept, corpus, tmp_path):
+    out, _ = swept
+    rep = tmp_path / "report"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "transfer_report.py"), str(out), "--out",
+                        str(rep), "--n-boot", "50"], env=env(PYTHONPATH=ROOT), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (rep / "transfer_matrix_lr.png").stat().st_size > 5000
+    assert "slope of log2 optimum" in (rep / "report.md").read_text()
+    report = json.load(open(rep / "report.json"))
+    x = report["sweeps"]["matrix_lr"]["recommended_log2"]
+    assert -1 <= x <= 1 or report["sweeps"]["matrix_lr"]["recommended_how"].startswith("fitted line")
+    cmd = shlex.split(report["command"])
+    assert cmd[:8] == ["python", "scripts/base_train.py", "--n-embd", "128", "--depth", "1", "--mup-base-width", "16"]
+    assert cmd[cmd.index("--matrix-lr") + 1] == f"{0.02 * 2.0 ** x:.4g}" and cmd.count("--matrix-lr") == 1
+    assert report["command"] in r.stdout
+    # the recommendation runs as printed (one step, into a fresh directory)
+    run = subprocess.run([sys.executable, *cmd[1:], "--num-iterations", "1", "--out-dir", str(tmp_path / "big")],
+                         cwd=ROOT, env=env(PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.load(open(tmp_path / "big" / "config.json"))["model_config"]["n_embd"] == 128
+
+
+def test_fit_recovers_a_known_optimum_drift_and_its_interval():
+    # loss = (x - x*(w))^2 + seed noise, with x*(w) = 0.5 * log2(w / 64): slope 0.5; a diverged point counts as +inf
+    assert fit_optimum([-1, 0, 1, 2], [2.25, 0.25, 0.25, 2.25]) == pytest.approx(0.5)
+    assert fit_optimum([-1, 0, 1], [3.0, 2.0, 1.0]) == 1  # best at the edge: the edge itself
+    rng = np.random.default_rng(0)
+    rows = [dict(mode=mode, depth=2, width=w, seed=s, x=x,
+                 val_bpb=math.inf if x == 3 and w == 256 else (x - k * math.log2(w / 64)) ** 2 + 0.01 * rng.normal())
+            for mode, k in (("mup", 0.0), ("sp", 0.5)) for w in (64, 128, 256) for s in range(3)
+            for x in (-2, -1, 0, 1, 2, 3)]
+    s = summarize(rows, "val_bpb", n_boot=200)
+    assert s["sp", 2]["slope"] == pytest.approx(0.5, abs=0.05) and s["sp", 2]["slope_ci"][0] > 0.3
+    mup = s["mup", 2]
+    assert abs(mup["slope"]) < 0.05 and mup["slope_ci"][0] <= 0 <= mup["slope_ci"][1]
+    assert all(lo <= o <= hi for o, (lo, hi) in zip(mup["optima"], mup["optima_ci"]))
+    x, how = recommend(mup, 64, 1024)
+    assert abs(x) < 0.05 and how.startswith("mean")
+    x, how = recommend(s["sp", 2], 64, 1024)  # SP drifts: extrapolate the line to width 1024 (x* = 2)
+    assert x == pytest.approx(2.0, abs=0.2) and how.startswith("fitted line")
+
+
+@pytest.mark.parametrize("mup", [0, 32])
+def test_init_scale_multiplies_every_init_std_but_the_scalars(mup):
+    import torch
+
+    from nanochat.checkpoint import build_model
+    from nanochat.gpt import GPTConfig
+
+    models = []
+    for scale in (1.0, 2.5):
+        torch.manual_seed(0)
+        cfg = GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=64,
+                        mup_base_width=mup, init_scale=scale)
+        models.append(dict(build_model(cfg, "cpu").named_parameters()))
+    for name, p in models[0].items():
+        q = models[1][name]
+        want = p if name in ("resid_lambdas", "x0_lambdas") else 2.5 * p  # same draws, scaled
+        assert torch.allclose(q, want), name
+    assert models[0]["transformer.wte.weight"].abs().sum() > 0
+    with pytest.raises(ValueError, match="init_scale"):
+        GPTConfig(init_scale=0.0)

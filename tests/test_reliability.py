@@ -28,7 +28,7 @@ BASE_TRAIN = {
     "--depth": INT1, "--aspect-ratio": INT1, "--head-dim": INT1, "--n-embd": INT0, "--n-head": INT0,
     "--n-kv-head": INT0, "--sequence-len": INT1, "--window-pattern": ["X", "", "LSx"], "--softcap": LR,
     "--attn-impl": CHOICE, "--head-impl": CHOICE, "--mup-base-width": INT0, "--mup-base-head-dim": INT0,
-    "--mup-base-n-kv-head": INT0, "--mup-base-depth": INT0, "--attn-mult": LR,
+    "--mup-base-n-kv-head": INT0, "--mup-base-depth": INT0, "--depth-alpha": FRAC, "--attn-mult": LR,
     "--output-mult": POS, "--matrix-optimizer": CHOICE, "--matrix-lr": LR, "--embedding-lr": LR,
     "--unembedding-lr": LR, "--scalar-lr": LR, "--weight-decay": LR, "--device-batch-size": INT1,
     "--total-batch-size": INT0, "--num-iterations": INT0, "--target-tokens": INT0, "--warmup-ratio": FRAC,

@@ -117,3 +117,40 @@ def slopes(recs, step):
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
         out[key] = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
     return out
+
+
+def plot_depth_check(recs, path, steps, title=""):
+    """One panel per quantity: seed-mean (error bar: min..max over seeds) vs depth, log-log; color = depth rule,
+    line style = step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = {}
+    for r in recs:
+        cells.setdefault((r["rule"], r["quantity"], r["step"]), {}).setdefault(r["depth"], []).append(abs(r["value"]))
+    rules = sorted({r["rule"] for r in recs})
+    fig, axes = plt.subplots(1, len(QUANTITIES), figsize=(3.0 * len(QUANTITIES), 3.2), squeeze=False)
+    for ax, q in zip(axes[0], QUANTITIES):
+        for ri, rule in enumerate(rules):
+            for si, step in enumerate(steps):
+                by_d = cells.get((rule, q, step))
+                if not by_d or min(min(v) for v in by_d.values()) <= 0:
+                    continue
+                ds = sorted(by_d)
+                mid = [sum(by_d[d]) / len(by_d[d]) for d in ds]
+                err = [[m - min(by_d[d]) for m, d in zip(mid, ds)], [max(by_d[d]) - m for m, d in zip(mid, ds)]]
+                name = f"CompleteP alpha={rule:g}" if rule else "no depth rule"
+                ax.errorbar(ds, mid, yerr=err, color=("tab:red", "tab:blue", "tab:green")[ri % 3], capsize=2,
+                            ls=("-", "--", ":", "-.")[si % 4], marker=".", lw=1, label=f"{name}, step {step}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_title(q, fontsize=9)
+        ax.set_xlabel("depth", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][0].legend(fontsize=6, loc="best")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

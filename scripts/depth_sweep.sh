@@ -5,7 +5,7 @@
 # so re-running the same command resumes the sweep. Checkpoints are deleted after each run (only config.json and
 # metrics.jsonl are read). Analyse with: python scripts/depth_sweep_report.py OUT_ROOT
 #   bash scripts/depth_sweep.sh OUT_ROOT SETUP "SEEDS" "DEPTHS" "LOG2_MULTS" STEPS
-#   e.g. bash scripts/depth_sweep.sh runs/depth_sweep muon "0 1" "2 4 8" "0 1 2 3 4" 60
+#   e.g. bash scripts/depth_sweep.sh runs/depth_sweep muon "0" "2 4 8" "-2 -1 0 1 2" 150
 set -euo pipefail
 if [ $# -ne 6 ]; then
     echo "usage: $0 OUT_ROOT SETUP(muon|adamw) \"SEEDS\" \"DEPTHS\" \"LOG2_MULTS\" STEPS" >&2

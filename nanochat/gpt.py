@@ -471,9 +471,9 @@ class GPT(nn.Module):
                 print(f"muP, base: width {b.n_embd}, head_dim {b.head_dim}, {b.n_head} heads, {b.n_kv_head} kv heads, "
                       f"{cfg.mup_base_n_layer} layers; m={cfg.width_mult:g}")
                 if cfg.depth_alpha:
-                    print(f"depth rule alpha={cfg.depth_alpha:g} (CompleteP Table 1): m_L={cfg.depth_mult:g}, branch "
-                          f"multiplier {cfg.branch_mult:.5g}, matrix LR x{cfg.depth_mult ** (cfg.depth_alpha - 1):.5g}, "
-                          f"scalar LR x{1 / cfg.depth_mult:.5g}")
+                    dm, a = cfg.depth_mult, cfg.depth_alpha
+                    print(f"depth rule alpha={a:g} (CompleteP Table 1): m_L={dm:g}, branch multiplier "
+                          f"{cfg.branch_mult:.5g}, matrix LR x{dm ** (a - 1):.5g}, scalar LR x{1 / dm:.5g}")
                 else:
                     print("no depth rule (depth_alpha=0): the base depth must equal this depth")
             else:

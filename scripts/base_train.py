@@ -288,8 +288,10 @@ def lr_mult(step):
 meta = dict(model_config=asdict(config), args=vars(args), world_size=world_size, data_dir=data_dir,
             tokenizer_dir=os.path.abspath(tok_dir), optimizer_sharded=sharded, data_streams=data_streams,
             total_batch=total_batch,
-            depth_factors=dict(m_L=config.depth_mult, branch_mult=config.branch_mult,  # CompleteP; 1 = no depth rule
-                               matrix_lr=config.depth_mult ** (config.depth_alpha - 1), scalar_lr=1 / config.depth_mult))
+            # the depth rule's factors (CompleteP; all 1 without it): residual branches, block-matrix LR, scalar LR
+            depth_factors=dict(m_L=config.depth_mult, branch_mult=config.branch_mult,
+                               matrix_lr=config.depth_mult ** (config.depth_alpha - 1),
+                               scalar_lr=1 / config.depth_mult))
 metrics_path = os.path.join(out_dir, "metrics.jsonl")
 start_step, metrics = 0, []
 

@@ -29,9 +29,9 @@ def load(root):
         if last.get("step") == steps and "val_bpb" in last:
             res[setup, rule, int(d[1:]), float(m[1:]), int(s[1:])] = last["val_bpb"]
     depths = {}
-    for setup, rule, d, *_ in res:
+    for setup, _, d, *_ in res:
         depths.setdefault(setup, set()).add(d)
-    for (setup, rule, d, m, s), v in list(res.items()):
+    for (setup, _, d, m, s), v in list(res.items()):
         if d == min(depths[setup]):  # base depth: every depth factor is 1, the runs are the same
             res.setdefault((setup, "completep", d, m, s), v)
     return res

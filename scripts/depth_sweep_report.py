@@ -6,6 +6,7 @@ grid point and its neighbours, on the seed-mean; per seed for the error), its sp
     python scripts/depth_sweep_report.py runs/depth_sweep --out dev/depth_transfer
 """
 
+import datetime
 import glob
 import json
 import os
@@ -21,20 +22,22 @@ args = parser.parse_args()
 
 def load(root):
     """{(setup, rule, depth, mult, seed): final val_bpb}; the shared base-depth runs count for both rules."""
-    res = {}
+    res, settings = {}, set()
     for path in glob.glob(os.path.join(root, "*", "*", "d*", "m*", "s*", "metrics.jsonl")):
         setup, rule, d, m, s = path.split(os.sep)[-6:-1]
         last = json.loads(open(path).read().splitlines()[-1])
-        steps = json.load(open(os.path.join(os.path.dirname(path), "config.json")))["args"]["num_iterations"]
-        if last.get("step") == steps and "val_bpb" in last:
+        a = json.load(open(os.path.join(os.path.dirname(path), "config.json")))["args"]
+        if last.get("step") == a["num_iterations"] and "val_bpb" in last:
             res[setup, rule, int(d[1:]), float(m[1:]), int(s[1:])] = last["val_bpb"]
+            settings.add(f"{setup}: width {a['n_embd']}, {a['num_iterations']} steps of {a['device_batch_size']} x "
+                         f"{a['sequence_len']} tokens, base matrix LR {a['matrix_lr'] / 2 ** float(m[1:]):g}")
     depths = {}
     for setup, _, d, *_ in res:
         depths.setdefault(setup, set()).add(d)
     for (setup, _, d, m, s), v in list(res.items()):
         if d == min(depths[setup]):  # base depth: every depth factor is 1, the runs are the same
             res.setdefault((setup, "completep", d, m, s), v)
-    return res
+    return res, sorted(settings)
 
 
 def fit_optimum(xs, ys):
@@ -50,7 +53,7 @@ def fit_optimum(xs, ys):
     return (-b / (2 * a) if a > 0 else xs[i]), False
 
 
-res = load(args.root)
+res, settings = load(args.root)
 if not res:
     parser.error(f"root={args.root}: no finished runs under it")
 rows, curves = [], {}
@@ -65,7 +68,10 @@ for setup, rule, d in sorted({k[:3] for k in res}):
                      opt_at_edge=edge, opt_seed_sd=statistics.stdev(per_seed) if len(per_seed) > 1 else None,
                      best_bpb=min(mean)))
     curves[setup, rule, d] = (mults, mean)
-lines = ["| setup | depth rule | depth | seeds | fitted optimum (log2 x base LR) | seed sd | best val bpb |",
+lines = [f"Depth LR transfer, {datetime.date.today()}: {len(res)} (setup, rule, depth, LR, seed) results (base-depth "
+         f"runs count for both rules) from `python scripts/depth_sweep_report.py {args.root} --out {args.out}` (CPU). "
+         + "; ".join(settings) + ".",
+         "", "| setup | depth rule | depth | seeds | fitted optimum (log2 x base LR) | seed sd | best val bpb |",
          "|---|---|---|---|---|---|---|"]
 for r in rows:
     sd = "-" if r["opt_seed_sd"] is None else f"{r['opt_seed_sd']:.2f}"

@@ -8,7 +8,9 @@ untied lm_head, tanh logit softcap, no biases.
 `GPTConfig.mup_base_width = b > 0` turns on muP (Tensor Programs V, Yang et al. 2022) with width
 multiplier m = n_embd / b: attention logits scaled by attn_mult/head_dim, lm_head zero-initialised
 and its logits multiplied by output_mult/m, and the optimizer rules in `GPT.param_rules`.
-`mup_base_width = 0` is the standard parametrization (SP). See muP_changes.md for every rule.
+`mup_base_width = 0` is the standard parametrization (SP). `depth_alpha > 0` adds the depth rule (CompleteP,
+Dey et al. 2025, arXiv 2505.01618; alpha = 1/2 is Depth-muP, Yang et al. 2023): residual branches multiplied by
+(L_base / L)^alpha and the depth factors in `GPT.param_rules`. See muP_changes.md for every rule.
 """
 
 import math
@@ -40,7 +42,8 @@ class GPTConfig:
     # the rest of the muP base (the model the hyperparameters were tuned at); 0 = resolved in __post_init__
     mup_base_head_dim: int = 0  # 0 = this head_dim (width grows through heads)
     mup_base_n_kv_head: int = 0  # 0 = n_head of the base if this model is MHA, else this kv-head count (fixed)
-    mup_base_n_layer: int = 0  # 0 = n_layer; must equal n_layer (muP transfers across width, not depth)
+    mup_base_n_layer: int = 0  # 0 = n_layer; must equal n_layer unless depth_alpha > 0
+    depth_alpha: float = 0.0  # depth rule: 0 = none (depth changes refused), 1 = CompleteP, 0.5 = Depth-muP
     attn_mult: float = 0.0  # muP attention logit scale is attn_mult / head_dim; 0 = sqrt(base head_dim)
     output_mult: float = 1.0  # muP logits are multiplied by output_mult / m
     init_scale: float = 1.0  # multiplies every init std (matrices, embedding, readout): a tunable base HP
@@ -82,6 +85,13 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name}={value!r}: must be 0 (default) or a positive int")
             if value and not self.use_mup:
                 raise ValueError(f"GPTConfig.{name}={value} describes a muP base: set mup_base_width too, or drop it")
+        a = self.depth_alpha
+        if not isinstance(a, (int, float)) or not (a == 0 or 0.5 <= a <= 1):
+            raise ValueError(f"GPTConfig.depth_alpha={a!r}: must be 0 (no depth rule) or in [0.5, 1] "
+                             "(1 = CompleteP, 0.5 = Depth-muP)")
+        if a and not self.use_mup:
+            raise ValueError(f"GPTConfig.depth_alpha={a} is a rule relative to a muP base: set mup_base_width too "
+                             "(= n_embd for depth-only transfer)")
         if not self.use_mup:
             return
         b, hd = self.mup_base_width, self.mup_base_head_dim or self.head_dim
@@ -94,16 +104,17 @@ class GPTConfig:
             raise ValueError(f"GPTConfig muP base: {n_head} heads (width {b}, head_dim {hd}) not divisible by "
                              f"{kv} kv heads: set mup_base_n_kv_head to the base's kv-head count")
         n_layer = self.mup_base_n_layer or self.n_layer
-        if n_layer != self.n_layer:
+        if n_layer != self.n_layer and not self.depth_alpha:
             raise ValueError(f"GPTConfig.n_layer={self.n_layer} but the muP base has mup_base_n_layer={n_layer}: "
-                             f"muP transfers across width only (no depth rule yet): tune the base at depth "
-                             f"{self.n_layer}")
+                             f"muP alone transfers across width only: set depth_alpha=1 (CompleteP, --depth-alpha 1) "
+                             f"or tune the base at depth {self.n_layer}")
         self.mup_base_head_dim, self.mup_base_n_kv_head, self.mup_base_n_layer = hd, kv, n_layer
         self.attn_mult = self.attn_mult or math.sqrt(hd)  # muP == SP at the base width, whatever the head_dim
 
     def mup_base(self):
-        """The base model's config (muP) or this one (SP). Comparing its parameter shapes with this model's tells
-        which dimensions grow with width (explicit base shapes, as microsoft/mup's make_base_shapes)."""
+        """The width base (muP) at this model's depth, or this config (SP). Comparing its parameter shapes with this
+        model's tells which dimensions grow with width (explicit base shapes, as microsoft/mup's make_base_shapes);
+        depth has its own factors (`depth_mult`), so per-layer shapes stay comparable."""
         if not self.use_mup:
             return self
         b = self.mup_base_width
@@ -130,6 +141,17 @@ class GPTConfig:
     def width_mult(self):
         """m = n_embd / base width; exactly 1 under SP and at the base width."""
         return self.n_embd / self.mup_base_width if self.use_mup else 1.0
+
+    @property
+    def depth_mult(self):
+        """m_L = n_layer / base depth under the depth rule; exactly 1 without it and at the base depth."""
+        return self.n_layer / self.mup_base_n_layer if self.depth_alpha else 1.0
+
+    @property
+    def branch_mult(self):
+        """Residual branch multiplier m_L^-alpha (CompleteP Table 1): keeps each block's contribution ~1/L, so
+        the sum over L blocks, and its change in training, stays O(1) as depth grows."""
+        return self.depth_mult ** -self.depth_alpha
 
     @property
     def attn_scale(self):
@@ -257,10 +279,11 @@ class Block(nn.Module):
         super().__init__()
         self.attn = CausalSelfAttention(config, layer)
         self.mlp = MLP(config)
+        self.branch_mult = config.branch_mult  # CompleteP's (L_base/L)^alpha; 1.0 without the depth rule
 
     def forward(self, x, cos, sin, window, kv_cache=None):
-        x = x + self.attn(norm(x), cos, sin, window, kv_cache)
-        return x + self.mlp(norm(x))
+        x = x + self.branch_mult * self.attn(norm(x), cos, sin, window, kv_cache)
+        return x + self.branch_mult * self.mlp(norm(x))
 
 
 class GPT(nn.Module):
@@ -394,6 +417,13 @@ class GPT(nn.Module):
           multiplicative residual scale compounds through the layers).
         - the Muon setup keeps nanochat's SP factor (n_embd/768)^-0.5 on the AdamW groups; muP uses its
           value at the base width, so base-width hyperparameters mean the same in both modes.
+        Depth (`depth_alpha` > 0, m_L = L / L_base; CompleteP Table 1, Dey et al. 2025), times the width rules:
+        - block matrices: forward m_L^-alpha on each branch output (c_proj rows), LR x m_L^(alpha-1) (a branch's
+          change is then ~1/L, summed over L blocks O(1); the same for Muon, whose update size is ~lr), Adam eps
+          x m_L^-alpha (their gradients carry the branch multiplier), weight decay x m_L^(1-alpha) (lr*wd kept).
+        - resid_lambdas, x0_lambdas: LR x m_L^-1 for any alpha: the same x0 is added, and the stream rescaled,
+          at every layer, so their per-layer changes add up coherently (L terms, not sqrt(L)).
+        - embedding, readout: no depth factor (Table 1). Every factor is exactly 1 at the base depth.
         """
         if matrix_optimizer not in DEFAULT_MATRIX_LR:
             raise ValueError(f"matrix_optimizer={matrix_optimizer!r}: choose 'muon' or 'adamw'")
@@ -406,24 +436,31 @@ class GPT(nn.Module):
         else:
             adam_scale = 1.0
         adam = dict(optimizer="adamw", betas=tuple(adam_betas))
+        dm, alpha = cfg.depth_mult, cfg.depth_alpha
         rows = []
         for name, s in self.param_shapes().items():
             role, r_out, r_in = s["role"], s["r_out"], s["r_in"]
             row = dict(name=name, role=role, cls=s["cls"], shape=tuple(self.get_parameter(name).shape),
-                       base_shape=s["base_shape"], init_std=self.init_std(name, s), fwd_mult=1.0)
+                       base_shape=s["base_shape"], init_std=self.init_std(name, s), fwd_mult=1.0, depth_lr=1.0)
             if role == "embedding":
                 row.update(adam, lr=embedding_lr * adam_scale, eps=adam_eps / r_out, wd=0.0)
             elif role == "scalar":
-                row.update(adam, lr=scalar_lr * (0.01 if name == "resid_lambdas" else 1.0), eps=adam_eps, wd=0.0)
+                row.update(adam, depth_lr=1 / dm, eps=adam_eps, wd=0.0)
+                row["lr"] = scalar_lr * (0.01 if name == "resid_lambdas" else 1.0) * row["depth_lr"]
             elif role == "readout":
                 row.update(adam, lr=unembedding_lr * adam_scale, eps=adam_eps / (r_out * r_in), wd=weight_decay)
                 row["fwd_mult"] = cfg.logit_mult
             elif matrix_optimizer == "muon":
                 base_scale = max(1.0, (s["fan_out"] / r_out) / (s["fan_in"] / r_in)) ** 0.5  # nanochat's, at the base
-                row.update(optimizer="muon", lr=matrix_lr, eps=None, wd=weight_decay, momentum=muon_momentum,
-                           update_scale=base_scale * (r_out / r_in) ** 0.5)
+                row.update(optimizer="muon", lr=matrix_lr * dm ** (alpha - 1), eps=None, momentum=muon_momentum,
+                           wd=weight_decay * dm ** (1 - alpha), update_scale=base_scale * (r_out / r_in) ** 0.5)
             else:
-                row.update(adam, lr=matrix_lr / r_in, eps=adam_eps / r_out, wd=weight_decay * r_in)
+                row.update(adam, lr=matrix_lr / r_in * dm ** (alpha - 1), eps=adam_eps / r_out * dm ** -alpha,
+                           wd=weight_decay * r_in * dm ** (1 - alpha))
+            if role == "matrix":
+                row["depth_lr"] = dm ** (alpha - 1)
+                if name.endswith("c_proj.weight"):  # the branch output: Block multiplies it by m_L^-alpha
+                    row["fwd_mult"] = cfg.branch_mult
             rows.append(row)
         return rows
 
@@ -435,18 +472,25 @@ class GPT(nn.Module):
             if cfg.use_mup:
                 b = cfg.mup_base()
                 print(f"muP, base: width {b.n_embd}, head_dim {b.head_dim}, {b.n_head} heads, {b.n_kv_head} kv heads, "
-                      f"{b.n_layer} layers; m={cfg.width_mult:g}")
+                      f"{cfg.mup_base_n_layer} layers; m={cfg.width_mult:g}")
+                if cfg.depth_alpha:
+                    dm, a = cfg.depth_mult, cfg.depth_alpha
+                    print(f"depth rule alpha={a:g} (CompleteP Table 1): m_L={dm:g}, branch multiplier "
+                          f"{cfg.branch_mult:.5g}, matrix LR x{dm ** (a - 1):.5g}, scalar LR x{1 / dm:.5g}")
+                else:
+                    print("no depth rule (depth_alpha=0): the base depth must equal this depth")
             else:
                 print("SP")
             print(f"attention scale {cfg.attn_scale:.5g}, logit multiplier {cfg.logit_mult:.5g}")
             print(f"{'parameter':<36} {'role':<9} {'class':<6} {'shape':<10} {'base':<10} {'init std':>9} "
-                  f"{'fwd mult':>8} {'optim':<5} {'lr':>9} {'adam eps':>8} {'wd':>6} {'upd scale':>9}")
+                  f"{'fwd mult':>8} {'optim':<5} {'lr':>9} {'lr depth':>8} {'adam eps':>8} {'wd':>6} {'upd scale':>9}")
             for r in rows:
                 eps = "-" if r["eps"] is None else f"{r['eps']:.3g}"
                 scale = f"{r['update_scale']:.4g}" if "update_scale" in r else "-"
                 shape, base = ("x".join(map(str, r[k])) for k in ("shape", "base_shape"))
                 print(f"{r['name']:<36} {r['role']:<9} {r['cls']:<6} {shape:<10} {base:<10} {r['init_std']:>9.4g} "
-                      f"{r['fwd_mult']:>8.4g} {r['optimizer']:<5} {r['lr']:>9.4g} {eps:>8} {r['wd']:>6.3g} "
+                      f"{r['fwd_mult']:>8.4g} {r['optimizer']:<5} {r['lr']:>9.4g} {r['depth_lr']:>8.4g} {eps:>8} "
+                      f"{r['wd']:>6.3g} "
                       f"{scale:>9}")
         return rows
 

@@ -47,7 +47,10 @@ parser.add("--mup-base-width", type=int, default=0, min=0, help="muP base width 
 parser.add("--mup-base-head-dim", type=int, default=0, min=0, help="head_dim the base was tuned at (0 = --head-dim)")
 parser.add("--mup-base-n-kv-head", type=int, default=0, min=0,
            help="kv heads of the base (0 = MHA base if this model is MHA, else the same count: fixed kv heads)")
-parser.add("--mup-base-depth", type=int, default=0, min=0, help="depth the base was tuned at (0 = --depth; must match)")
+parser.add("--mup-base-depth", type=int, default=0, min=0,
+           help="depth the base was tuned at (0 = --depth; another depth needs --depth-alpha)")
+parser.add("--depth-alpha", type=float, default=0.0, min=0, max=1,
+           help="depth rule: 0 = none, 1 = CompleteP, 0.5 = Depth-muP (branches x (base depth / depth)^alpha)")
 parser.add("--attn-mult", type=float, default=0.0, min=0,
            help="muP attention logit scale is attn_mult / head_dim (0 = sqrt(base head_dim): SP at the base width)")
 parser.add("--output-mult", type=float, default=1.0, above=0, help="muP logits are multiplied by output_mult / m")
@@ -243,7 +246,7 @@ try:
                        n_kv_head=args.n_kv_head or n_head, n_embd=n_embd, window_pattern=args.window_pattern,
                        softcap=args.softcap, mup_base_width=args.mup_base_width, attn_mult=args.attn_mult,
                        mup_base_head_dim=args.mup_base_head_dim, mup_base_n_kv_head=args.mup_base_n_kv_head,
-                       mup_base_n_layer=args.mup_base_depth,
+                       mup_base_n_layer=args.mup_base_depth, depth_alpha=args.depth_alpha,
                        output_mult=args.output_mult, init_scale=args.init_scale, attn_impl=args.attn_impl,
                        head_impl=args.head_impl)
 except ValueError as e:
@@ -285,7 +288,11 @@ def lr_mult(step):
 
 meta = dict(model_config=asdict(config), args=vars(args), world_size=world_size, data_dir=data_dir,
             tokenizer_dir=os.path.abspath(tok_dir), optimizer_sharded=sharded, data_streams=data_streams,
-            total_batch=total_batch)
+            total_batch=total_batch,
+            # the depth rule's factors (CompleteP; all 1 without it): residual branches, block-matrix LR, scalar LR
+            depth_factors=dict(m_L=config.depth_mult, branch_mult=config.branch_mult,
+                               matrix_lr=config.depth_mult ** (config.depth_alpha - 1),
+                               scalar_lr=1 / config.depth_mult))
 metrics_path = os.path.join(out_dir, "metrics.jsonl")
 start_step, metrics = 0, []
 

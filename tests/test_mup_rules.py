@@ -237,7 +237,7 @@ def test_base_fields_resolved_recorded_and_checked():
             GPTConfig(**args)
 
 
-def test_base_train_records_the_base_and_refuses_another_depth(corpus, tmp_path):
+def test_base_train_records_the_base_and_refuses_another_depth_without_the_depth_rule(corpus, tmp_path):
     tiny = ["--depth", "1", "--n-embd", "64", "--n-head", "4", "--n-kv-head", "1", "--sequence-len", "16",
             "--device-batch-size", "2", "--eval-tokens", "64", "--device", "cpu", "--data-dir", corpus["data"],
             "--tokenizer-dir", corpus["tok"], "--num-iterations", "1", "--mup_base_width", "32"]
@@ -247,13 +247,18 @@ def test_base_train_records_the_base_and_refuses_another_depth(corpus, tmp_path)
                          text=True, env=env, timeout=120)
     assert bad.returncode == 2 and not (tmp_path / "bad").exists()
     assert bad.stderr.count("\n") == 1 and "mup_base_n_layer=2" in bad.stderr and "depth 1" in bad.stderr
-    ok = subprocess.run(cmd + ["--mup-base-head-dim", "16", "--out-dir", str(tmp_path / "ok")], capture_output=True,
-                        text=True, env=env, timeout=300)
+    assert "--depth-alpha 1" in bad.stderr  # the fix
+    # with the depth rule the same depth change is accepted (base depth 2, this model 1: m_L = 1/2)
+    ok = subprocess.run(cmd + ["--mup-base-head-dim", "16", "--mup-base-depth", "2", "--depth_alpha", "1",
+                               "--out-dir", str(tmp_path / "ok")], capture_output=True, text=True, env=env, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
     model_config = json.load(open(tmp_path / "ok" / "config.json"))["model_config"]
     assert {k: model_config[k] for k in ("mup_base_width", "mup_base_head_dim", "mup_base_n_kv_head",
-                                         "mup_base_n_layer")} == dict(mup_base_width=32, mup_base_head_dim=16,
-                                                                      mup_base_n_kv_head=1, mup_base_n_layer=1)
+                                         "mup_base_n_layer", "depth_alpha")} == dict(
+        mup_base_width=32, mup_base_head_dim=16, mup_base_n_kv_head=1, mup_base_n_layer=2, depth_alpha=1.0)
+    factors = json.load(open(tmp_path / "ok" / "config.json"))["depth_factors"]
+    assert factors == dict(m_L=0.5, branch_mult=2.0, matrix_lr=1.0, scalar_lr=2.0)
+    assert "depth rule alpha=1 (CompleteP Table 1): m_L=0.5, branch multiplier 2" in ok.stdout
     meta = json.load(open(tmp_path / "ok" / "checkpoints" / "step_000001" / "meta.json"))
     assert meta["model_config"] == model_config
     # c_k / c_v with one kv head at twice the base width: output-like in the printed table

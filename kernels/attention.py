@@ -388,7 +388,7 @@ _attn_bwd_dq = _autotune(_attn_bwd_dq, _DQ_CONFIGS)
 
 def _launch_args(q, k, window):
     B, T, H, D = q.shape
-    assert D in (32, 64, 128), f"head_dim must be 32, 64 or 128 for the Triton attention kernel, got {D}"
+    assert D in HEAD_DIMS, f"head_dim must be one of {HEAD_DIMS} for the Triton attention kernel, got {D}"
     # fp32 inputs: 3xTF32 keeps ~fp32 accuracy on tensor cores ("ieee" compiles to spilling FMA loops)
     precision = "tf32x3" if q.dtype == torch.float32 else "tf32"
     return dict(T=T, T_BUCKET=_t_bucket(T), H=H, group=H // k.size(2), window=NO_WINDOW if window is None else window,

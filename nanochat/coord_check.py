@@ -23,7 +23,8 @@ import tempfile
 import numpy as np
 import torch
 
-from nanochat.gpt import GPT, GPTConfig, apply_rotary, norm
+from nanochat import checkpoint
+from nanochat.gpt import GPTConfig, apply_rotary, norm
 
 # -----------------------------------------------------------------------------------------------------
 # data: Shakespeare bytes
@@ -94,12 +95,8 @@ def build_model(width, mup, base_width=64, head_dim=32, depth=2, seq_len=64, see
     base = dict(mup_base_width=base_width, mup_base_head_dim=base_hd, mup_base_n_layer=base_depth) if mup else {}
     cfg = GPTConfig(sequence_len=seq_len, vocab_size=VOCAB, n_layer=depth, n_head=heads, n_kv_head=n_kv_head or heads,
                     n_embd=width, output_mult=output_mult, **base)
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model.to_empty(device=device)
     torch.manual_seed(seed)
-    model.init_weights()
-    return model
+    return checkpoint.build_model(cfg, device)
 
 
 def param_kind(name, role):

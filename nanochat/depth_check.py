@@ -10,8 +10,9 @@ import math
 
 import torch
 
+from nanochat import checkpoint
 from nanochat.coord_check import VOCAB, byte_batches, load_text_bytes, rms
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig
 
 QUANTITIES = ("stream", "stream_change", "layer_update", "logits", "target_logit", "dw_rms")
 
@@ -22,12 +23,8 @@ def build_model(depth, rule, width=64, head_dim=32, base_depth=2, seq_len=64, se
     depth_kw = dict(mup_base_n_layer=base_depth, depth_alpha=float(rule)) if rule else {}
     cfg = GPTConfig(sequence_len=seq_len, vocab_size=VOCAB, n_layer=depth, n_head=width // head_dim,
                     n_kv_head=width // head_dim, n_embd=width, mup_base_width=width, **depth_kw)
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model.to_empty(device=device)
     torch.manual_seed(seed)
-    model.init_weights()
-    return model
+    return checkpoint.build_model(cfg, device)
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ import os
 import statistics
 
 from nanochat.common import ArgParser
+from nanochat.transfer import fit_optimum
 
 parser = ArgParser(description="depth LR transfer report")
 parser.add("root", path="dir", fix="run scripts/depth_sweep.sh first")
@@ -40,19 +41,6 @@ def load(root):
     return res, sorted(settings)
 
 
-def fit_optimum(xs, ys):
-    """log2 multiplier minimising a parabola through the best grid point and its two neighbours (the grid
-    point itself at an edge of the grid, marked as such)."""
-    i = min(range(len(ys)), key=ys.__getitem__)
-    if i in (0, len(ys) - 1):
-        return xs[i], True
-    (x0, x1, x2), (y0, y1, y2) = xs[i - 1:i + 2], ys[i - 1:i + 2]
-    den = (x0 - x1) * (x0 - x2) * (x1 - x2)
-    a = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / den
-    b = (x2 ** 2 * (y0 - y1) + x1 ** 2 * (y2 - y0) + x0 ** 2 * (y1 - y2)) / den
-    return (-b / (2 * a) if a > 0 else xs[i]), False
-
-
 res, settings = load(args.root)
 if not res:
     parser.error(f"root={args.root}: no finished runs under it")
@@ -62,8 +50,9 @@ for setup, rule, d in sorted({k[:3] for k in res}):
     seeds = sorted({k[4] for k in res if k[:3] == (setup, rule, d)})
     full = [s for s in seeds if all((setup, rule, d, m, s) in res for m in mults)]
     mean = [statistics.mean(res[setup, rule, d, m, s] for s in full) for m in mults]
-    opt, edge = fit_optimum(mults, mean)
-    per_seed = [fit_optimum(mults, [res[setup, rule, d, m, s] for m in mults])[0] for s in full]
+    opt = fit_optimum(mults, mean)
+    edge = opt in (mults[0], mults[-1])
+    per_seed = [fit_optimum(mults, [res[setup, rule, d, m, s] for m in mults]) for s in full]
     rows.append(dict(setup=setup, rule=rule, depth=d, seeds=len(full), mults=mults, mean_bpb=mean, opt=opt,
                      opt_at_edge=edge, opt_seed_sd=statistics.stdev(per_seed) if len(per_seed) > 1 else None,
                      best_bpb=min(mean)))

@@ -103,6 +103,19 @@ def plan(out_dir, hp, mults, modes, widths, extra):
     return {x: [a for o in HPS[hp] for a in (o, f"{bases[o] * 2.0 ** x:.6g}")] for x in xs}
 
 
+def drop_options(opts, names):
+    """base_train options without the ones in `names` (either spelling, with or without =value)."""
+    out, skip = [], False
+    for a in opts:
+        if skip:
+            skip = False
+        elif a.split("=")[0].replace("_", "-") in names:
+            skip = "=" not in a
+        else:
+            out.append(a)
+    return out
+
+
 # -----------------------------------------------------------------------------------------------------
 # reading run directories
 

@@ -33,7 +33,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from nanochat.transfer import read_runs, recommend, summarize  # noqa: E402
+from nanochat.transfer import drop_options, read_runs, recommend, summarize  # noqa: E402
 
 out_dir = args.out or args.dirs[0]
 os.makedirs(out_dir, exist_ok=True)
@@ -70,20 +70,6 @@ def plot(meta, summary, path):
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
-
-
-def drop(opts, names):
-    """base_train options without the ones in `names` (either spelling, with or without =value)."""
-    out, skip = [], False
-    for a in opts:
-        name = a.split("=")[0].replace("_", "-")
-        if skip:
-            skip = False
-        elif name in names:
-            skip = "=" not in a
-        else:
-            out.append(a)
-    return out
 
 
 lines, report, recs, widest = [], {}, [], 0
@@ -134,7 +120,7 @@ if recs:
     if any((m["extra"], bw) != (meta["extra"], base_width) for m, _, _, bw in recs):
         lines.append("- WARNING: the sweeps differ in base_train options or base width: the command uses the first's")
     cmd = shlex.join(["python", "scripts/base_train.py", "--n-embd", str(target), "--depth", str(depth),
-                      "--mup-base-width", str(base_width), *drop(meta["extra"], set(rec_args[::2])), *rec_args])
+                      "--mup-base-width", str(base_width), *drop_options(meta["extra"], set(rec_args[::2])), *rec_args])
     lines += ["", f"Recommended base_train command for width {target} (muP, base width {base_width}):", "",
               f"    {cmd}", ""]
 open(os.path.join(out_dir, "report.md"), "w").write("# Transfer report\n\n" + "\n".join(lines))

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from nanochat.transfer import fit_optimum, recommend, summarize
+from nanochat.transfer import fit_optimum, read_runs, recommend, summarize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = ["bash", os.path.join(ROOT, "scripts", "sweep.sh")]
@@ -99,6 +99,40 @@ def test_report_files_and_recommended_command(swept, corpus, tmp_path):
                          cwd=ROOT, env=env(PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.load(open(tmp_path / "big" / "config.json"))["model_config"]["n_embd"] == 128
+
+
+def test_payoff_runs_the_three_arms_with_their_tuned_values(swept, tmp_path):
+    out, _ = swept
+    pay = tmp_path / "payoff"
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "payoff.py"), str(out), "--width", "32", "--seeds", "5 6",
+           "--out", str(pay), "--n-boot", "100"]
+    r = subprocess.run(cmd, env=env(PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.load(open(pay / "payoff.json"))
+    s = summarize(read_runs(str(out))[1], "val_bpb", n_boot=10)
+    want = {"mup": ("mup", 16, 16), "sp": ("sp", 32, 0), "mup_tuned": ("mup", 32, 16)}
+    for arm, (mode, tuned_at, base) in want.items():
+        x = s[mode, 1]["optima"][s[mode, 1]["widths"].index(tuned_at)]
+        assert res["tuned"][arm]["--matrix-lr"]["log2_mult"] == pytest.approx(x)
+        runs = sorted((pay / arm).glob("*_s*"))
+        assert len(runs) == 2
+        for run in runs:  # every run trained at the target width with the arm's tuned value
+            cfg = json.load(open(run / "config.json"))
+            assert cfg["model_config"]["n_embd"] == 32 and cfg["model_config"]["mup_base_width"] == base
+            assert cfg["args"]["matrix_lr"] == pytest.approx(0.02 * 2.0 ** x, rel=1e-5)
+            assert cfg["args"]["num_iterations"] == 3
+    vals = {a: np.array(v) for a, v in res["val_bpb"].items()}
+    assert res["mup_minus_sp"]["mean"] == pytest.approx(vals["mup"].mean() - vals["sp"].mean())
+    lo, hi = res["mup_minus_sp"]["ci"]
+    assert lo <= res["mup_minus_sp"]["mean"] <= hi
+    assert "muP transferred - SP tuned" in (pay / "payoff.md").read_text()
+    again = subprocess.run(cmd + ["--report-only"], env=env(PYTHONPATH=ROOT), capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0 and "muP transferred - SP tuned" in again.stdout
+    assert json.load(open(pay / "payoff.json"))["val_bpb"] == res["val_bpb"]
+    bad = subprocess.run(cmd[:5] + ["--seeds", "5", "--out", str(pay)], env=env(PYTHONPATH=ROOT),
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--seeds" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_fit_recovers_a_known_optimum_drift_and_its_interval():

@@ -1,0 +1,156 @@
+"""
+Does muP pay off? At a target width, train (>= 3 fresh seeds, the same tokens) three arms built from finished
+per-hyperparameter sweeps (scripts/sweep.sh directories with sp and mup runs):
+- mup:       muP with every swept hyperparameter at the optimum fitted at the BASE width (tuned on the proxy,
+             transferred as is): what a muP user gets without tuning the big model;
+- sp:        SP with every swept hyperparameter at SP's own optimum fitted AT the target width (tuned there);
+- mup_tuned: muP at its own optimum fitted at the target width: the gap mup - mup_tuned is what transfer cost.
+Each arm is one scripts/sweep.sh call (so it is resumable, shardable and launched like any sweep) into OUT/<arm>;
+then the report: mean val bpb per arm, and mup - sp and mup - mup_tuned with 95% bootstrap intervals (seeds of
+each arm resampled independently). Fresh seeds, not the sweeps' own, keep the tuned arms from being favoured by
+the noise they were selected on. Swept groups are tuned one at a time and then combined (TP5 tunes per group too).
+
+    python scripts/payoff.py runs/sweep_matrix_lr runs/sweep_unembedding_lr --width 256 --seeds "3 4 5" \
+        --out runs/payoff
+"""
+
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+
+from nanochat.common import ArgParser
+
+parser = ArgParser(description="muP with proxy-tuned hyperparameters vs SP tuned at the target width")
+parser.add("dirs", nargs="+", help="sweep directories (one hyperparameter each) with sp and mup runs")
+parser.add("--width", type=int, default=0, min=0, help="target width: swept by both modes (0 = the widest swept)")
+parser.add("--seeds", default="100 101 102", help="seeds of the payoff runs (fresh ones: not the sweeps')")
+parser.add("--out", default="", path="out", fix="pass a writable directory, e.g. --out runs/payoff",
+           help="payoff directory (the arms' run directories, payoff.md, payoff.json)")
+parser.add("--shard", default="0/1", help="passed to sweep.sh: run every N-th point (i/N), for parallel processes")
+parser.add("--n-boot", type=int, default=10000, min=1, help="bootstrap resamples")
+parser.add("--report-only", action="store_true", help="report the finished runs, start none")
+args = parser.parse_args()
+if not args.out:
+    parser.error("--out is required: the payoff directory, e.g. --out runs/payoff")
+seeds = args.seeds.split()
+if len(seeds) < 2 or not all(s.isdigit() for s in seeds):
+    parser.error(f"--seeds {args.seeds!r}: pass at least 2 non-negative integers, e.g. --seeds \"100 101 102\"")
+for d in args.dirs:
+    if not os.path.isfile(os.path.join(d, "sweep.json")):
+        parser.error(f"{d}: no sweep.json: pass a directory written by scripts/sweep.sh")
+
+import numpy as np  # noqa: E402
+
+from nanochat.transfer import drop_options, read_runs, summarize  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# -----------------------------------------------------------------------------------------------------
+# tuned values from the sweeps
+
+
+sweeps, common, ctx = [], None, None
+for d in args.dirs:
+    meta, rows = read_runs(d)
+    if not rows:
+        parser.error(f"{d}: no finished runs yet: run scripts/sweep.sh first")
+    depths = {r["depth"] for r in rows}
+    base_width = next((r["base_width"] for r in rows if r["mode"] == "mup"), 0)
+    if len(depths) != 1 or not base_width:
+        parser.error(f"{d}: need muP runs at exactly one depth (found depths {sorted(depths)}, base width "
+                     f"{base_width}): sweep one depth with --modes \"sp mup\"")
+    swept = {o for s in args.dirs for o in json.load(open(os.path.join(s, "sweep.json")))["options"]}
+    rest = drop_options(meta["extra"], swept)
+    if common is None:
+        common, ctx = rest, (depths.pop(), base_width)
+    elif (rest, (depths.pop(), base_width)) != (common, ctx):
+        parser.error(f"{d}: its base_train options, depth or base width differ from {args.dirs[0]}'s: "
+                     "compare sweeps of one setup")
+    sweeps.append((d, meta, summarize(rows, "val_bpb", 200)))
+depth, base_width = ctx
+width = args.width or max(w for _, _, s in sweeps for k in s for w in s[k]["widths"])
+
+
+def optimum(d, s, mode, w):
+    key = (mode, depth)
+    if key not in s or w not in s[key]["widths"]:
+        parser.error(f"{d}: no {mode} runs at width {w}: sweep it there (sweep.sh --widths) or pass another --width")
+    x = s[key]["optima"][s[key]["widths"].index(w)]
+    if not math.isfinite(x):
+        parser.error(f"{d}: every {mode} run at width {w} diverged: widen the sweep's --mults")
+    return x
+
+
+arms = {"mup": ("mup", base_width), "sp": ("sp", width), "mup_tuned": ("mup", width)}
+tuned = {arm: {} for arm in arms}  # arm -> {option: value}
+for d, meta, s in sweeps:
+    for arm, (mode, w) in arms.items():
+        x = optimum(d, s, mode, w)
+        tuned[arm].update({o: (v * 2.0 ** x, x) for o, v in meta["base"].items()})
+
+# -----------------------------------------------------------------------------------------------------
+# runs: one sweep.sh call per arm, a single multiplier (0) on the tuned values
+
+first = sweeps[0][1]["hp"]
+for arm, (mode, _) in arms.items():
+    opts = [a for o, (v, _) in tuned[arm].items() for a in (o, f"{v:.6g}")]
+    cmd = ["bash", os.path.join(ROOT, "scripts", "sweep.sh"), "--hp", first, "--out", os.path.join(args.out, arm),
+           "--widths", str(width), "--base-width", str(base_width), "--mults", "0", "--seeds", " ".join(seeds),
+           "--modes", mode, "--depths", str(depth), "--shard", args.shard, "--", *common, *opts]
+    print(f"{arm}: {shlex.join(cmd)}", flush=True)
+    if not args.report_only:
+        rc = subprocess.call(cmd)
+        if rc:
+            sys.exit(rc)
+
+# -----------------------------------------------------------------------------------------------------
+# report
+
+vals = {}
+for arm in arms:
+    d = os.path.join(args.out, arm)
+    vals[arm] = np.array([r["val_bpb"] for r in read_runs(d)[1]]) if os.path.isdir(d) else np.array([])
+missing = [a for a in arms if len(vals[a]) < len(seeds)]
+if missing:
+    print(f"not all runs finished yet ({', '.join(f'{a}: {len(vals[a])}/{len(seeds)}' for a in missing)}): "
+          "run again (finished runs are kept) to complete the report")
+    sys.exit(0)
+rng = np.random.default_rng(0)
+
+
+def diff(a, b):
+    """mean(a) - mean(b) with a 95% bootstrap interval (each arm's seeds resampled on their own)."""
+    A, B = vals[a], vals[b]
+    pick = [X[rng.integers(0, len(X), (args.n_boot, len(X)))].mean(1) for X in (A, B)]
+    boot = pick[0] - pick[1]
+    return dict(mean=float(A.mean() - B.mean()), ci=[float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))])
+
+
+res = dict(width=width, base_width=base_width, depth=depth, seeds=seeds, common_options=common,
+           tuned={a: {o: dict(value=v, log2_mult=x) for o, (v, x) in t.items()} for a, t in tuned.items()},
+           val_bpb={a: vals[a].tolist() for a in arms}, mup_minus_sp=diff("mup", "sp"),
+           mup_minus_mup_tuned=diff("mup", "mup_tuned"))
+lines = [f"# muP payoff at width {width} (base width {base_width}, depth {depth})", "",
+         f"Sweeps: {', '.join(args.dirs)}. Common base_train options: `{shlex.join(common)}`. "
+         f"Seeds {' '.join(seeds)}.", "",
+         "| arm | tuned where | " + " | ".join(f"{o} (log2 mult)" for o in tuned["mup"])
+         + " | val bpb per seed | mean |",
+         "|---|---|" + "---|" * len(tuned["mup"]) + "---|---|"]
+for arm, (mode, w) in arms.items():
+    cells = " | ".join(f"{v:.4g} ({x:+.2f})" for v, x in tuned[arm].values())
+    lines.append(f"| {arm} | {mode} at width {w} | {cells} | {' '.join(f'{v:.4f}' for v in vals[arm])} "
+                 f"| {vals[arm].mean():.4f} |")
+for key, what in (("mup_minus_sp", "muP transferred - SP tuned at the target"),
+                  ("mup_minus_mup_tuned", "muP transferred - muP tuned at the target (cost of transfer)")):
+    r = res[key]
+    lines.append(f"\n- {what}: {r['mean']:+.4f} bpb [95% CI {r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}]")
+os.makedirs(args.out, exist_ok=True)
+for name, text in (("payoff.md", "\n".join(lines) + "\n"), ("payoff.json", json.dumps(res, indent=1))):
+    tmp = os.path.join(args.out, name + ".tmp")
+    open(tmp, "w").write(text)
+    os.replace(tmp, os.path.join(args.out, name))
+print("\n".join(lines))
+print(f"wrote {args.out}/payoff.md and payoff.json")

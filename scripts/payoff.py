@@ -5,6 +5,8 @@ per-hyperparameter sweeps (scripts/sweep.sh directories with sp and mup runs):
              transferred as is): what a muP user gets without tuning the big model;
 - sp:        SP with every swept hyperparameter at SP's own optimum fitted AT the target width (tuned there);
 - mup_tuned: muP at its own optimum fitted at the target width: the gap mup - mup_tuned is what transfer cost.
+Several sweeps of one hyperparameter may be given in order (a second tuning pass with the other groups at their
+tuned values): for each arm the last sweep with runs of its mode at its width wins.
 Each arm is one scripts/sweep.sh call (so it is resumable, shardable and launched like any sweep) into OUT/<arm>;
 then the report: mean val bpb per arm, and mup - sp and mup - mup_tuned with 95% bootstrap intervals (seeds of
 each arm resampled independently). Fresh seeds, not the sweeps' own, keep the tuned arms from being favoured by
@@ -75,21 +77,28 @@ width = args.width or max(w for _, _, s in sweeps for k in s for w in s[k]["widt
 
 
 def optimum(d, s, mode, w):
-    key = (mode, depth)
-    if key not in s or w not in s[key]["widths"]:
-        parser.error(f"{d}: no {mode} runs at width {w}: sweep it there (sweep.sh --widths) or pass another --width")
-    x = s[key]["optima"][s[key]["widths"].index(w)]
+    """The fitted optimum (log2 multiplier) of `mode` at width `w` in one sweep's summary, None if not swept there."""
+    if (mode, depth) not in s or w not in s[mode, depth]["widths"]:
+        return None
+    x = s[mode, depth]["optima"][s[mode, depth]["widths"].index(w)]
     if not math.isfinite(x):
         parser.error(f"{d}: every {mode} run at width {w} diverged: widen the sweep's --mults")
     return x
 
 
+# a later sweep of the same hyperparameter (a second tuning pass, the other groups at their tuned values) overrides
+# an earlier one wherever it has runs of that mode and width
 arms = {"mup": ("mup", base_width), "sp": ("sp", width), "mup_tuned": ("mup", width)}
-tuned = {arm: {} for arm in arms}  # arm -> {option: value}
-for d, meta, s in sweeps:
-    for arm, (mode, w) in arms.items():
+tuned = {arm: {} for arm in arms}  # arm -> {option: (value, log2 multiplier on its sweep's base)}
+for arm, (mode, w) in arms.items():
+    for d, meta, s in sweeps:
         x = optimum(d, s, mode, w)
-        tuned[arm].update({o: (v * 2.0 ** x, x) for o, v in meta["base"].items()})
+        if x is not None:
+            tuned[arm].update({o: (v * 2.0 ** x, x) for o, v in meta["base"].items()})
+    for d, meta, _ in sweeps:
+        if any(o not in tuned[arm] for o in meta["base"]):
+            parser.error(f"{d}: no {mode} runs of {meta['hp']} at width {w} in any sweep: sweep it there "
+                         "(sweep.sh --widths) or pass another --width")
 
 # -----------------------------------------------------------------------------------------------------
 # runs: one sweep.sh call per arm, a single multiplier (0) on the tuned values

@@ -130,6 +130,22 @@ def test_payoff_runs_the_three_arms_with_their_tuned_values(swept, tmp_path):
                            timeout=120)
     assert again.returncode == 0 and "muP transferred - SP tuned" in again.stdout
     assert json.load(open(pay / "payoff.json"))["val_bpb"] == res["val_bpb"]
+    # a second pass of the same hyperparameter overrides the first where it has runs (here: muP at the base width)
+    import shutil
+    second = tmp_path / "pass2"
+    second.mkdir()
+    shutil.copy(out / "sweep.json", second / "sweep.json")
+    for run in out.glob("mup_d1_w16_*"):
+        shutil.copytree(run, second / run.name)
+        m = [json.loads(line) for line in open(second / run.name / "metrics.jsonl")]
+        m[-1]["val_bpb"] = 1.0 if json.load(open(run / "point.json"))["x"] == 1 else 2.0  # best at x = 1
+        (second / run.name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in m))
+    r2 = subprocess.run(cmd[:3] + [str(second)] + cmd[3:] + ["--report-only"], env=env(PYTHONPATH=ROOT),
+                        capture_output=True, text=True, timeout=120)
+    assert r2.returncode == 0, r2.stderr
+    res2 = json.load(open(pay / "payoff.json"))
+    assert res2["tuned"]["mup"]["--matrix-lr"]["log2_mult"] == 1
+    assert res2["tuned"]["sp"] == res["tuned"]["sp"] and res2["tuned"]["mup_tuned"] == res["tuned"]["mup_tuned"]
     bad = subprocess.run(cmd[:5] + ["--seeds", "5", "--out", str(pay)], env=env(PYTHONPATH=ROOT),
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--seeds" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -20,16 +20,7 @@ import shutil
 import torch
 
 from nanochat.common import atomic_write_bytes, atomic_write_text
-from nanochat.gpt import GPT, GPTConfig
-
-
-def build_model(config, device):
-    """Construct on the meta device (no wasted init), materialise on `device`, initialise."""
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()
-    return model
+from nanochat.gpt import GPTConfig, build_model
 
 
 def ckpt_dir(run_dir, step):
@@ -129,3 +120,24 @@ def load_model(run_dir, device, step=None):
     model = build_model(GPTConfig(**meta["model_config"]), device)
     model.load_state_dict(load_file(run_dir, meta["step"], "model.pt", device))
     return model, meta
+
+
+def resume_problem(meta, model_config, data_streams):
+    """Why checkpoint `meta` cannot be continued by a run of this model config (a dict) and number of data streams,
+    or None. The world size, optimizer sharding and batch split are free: the state is re-partitioned on load."""
+    for k, v in model_config.items():
+        if meta["model_config"].get(k) != v:
+            return f"{k}={meta['model_config'].get(k)!r} in the checkpoint but {k}={v!r} in this run"
+    if meta["data_streams"] != data_streams:
+        return (f"the checkpoint has {meta['data_streams']} data streams, this run --data-streams={data_streams}: "
+                "drop --data-streams to continue the checkpoint's")
+    return None
+
+
+def load_training_state(run_dir, meta, model, optimizer, rank, device):
+    """Load checkpoint `meta`'s weights and optimizer state in place; return its data-stream states and this rank's
+    RNG state (a rank the checkpoint did not have takes rank 0's: every rank seeds and draws alike)."""
+    model.load_state_dict(load_file(run_dir, meta["step"], "model.pt", device))
+    load_optimizer(optimizer, run_dir, meta)
+    rng = load_file(run_dir, meta["step"], f"rng_rank{rank if rank < meta['world_size'] else 0}.pt")
+    return load_stream_states(run_dir, meta), rng

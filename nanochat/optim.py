@@ -266,3 +266,15 @@ class DistMuonAdamW(MuonAdamW):
         adamw([p], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [state["step"]], amsgrad=False,
               beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
               maximize=False)
+
+
+def lr_multiplier(step, num_steps, warmup_ratio=0.0, warmdown_ratio=0.3, final_lr_frac=0.0):
+    """nanochat's schedule, a factor on every group's base_lr at 0-based `step`: linear warmup over the first
+    warmup_ratio of the steps, constant, then a linear warmdown over the last warmdown_ratio to final_lr_frac."""
+    warmup, warmdown = round(warmup_ratio * num_steps), round(warmdown_ratio * num_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step < num_steps - warmdown:
+        return 1.0
+    frac = (num_steps - step) / warmdown
+    return frac + (1 - frac) * final_lr_frac

@@ -13,13 +13,14 @@ predicts to be 0 and SP predicts to drift where its rule differs from muP's.
 """
 
 import argparse
-import inspect
 import json
 import math
 import os
 import sys
 
 import numpy as np
+
+from nanochat.config import GPTConfig, OptimConfig
 
 # hp -> the base_train options it scales (a global LR scales every LR group together)
 LR_OPTS = ("--matrix-lr", "--embedding-lr", "--unembedding-lr", "--scalar-lr")
@@ -45,19 +46,16 @@ def _spellings(opt):
 def base_values(extra):
     """The base value of every sweepable option: as given in `extra` (base_train options), else base_train's
     default. attn_mult's default 0 means sqrt(base head_dim) (GPTConfig), resolved here so it can be scaled."""
-    from nanochat.gpt import DEFAULT_MATRIX_LR, GPT, GPTConfig  # torch: only the planner pays for it
-
     p = argparse.ArgumentParser(add_help=False)
     opts = sorted({o for v in HPS.values() for o in v} | {"--matrix-optimizer", "--head-dim", "--mup-base-head-dim"})
     for o in opts:
         p.add_argument(*_spellings(o), dest=o)
     ns, _ = p.parse_known_args(extra)
     got = {o: getattr(ns, o) for o in opts}
-    rules = inspect.signature(GPT.param_rules).parameters
-    defaults = {"--matrix-lr": DEFAULT_MATRIX_LR[got["--matrix-optimizer"] or "muon"],
-                "--embedding-lr": rules["embedding_lr"].default, "--unembedding-lr": rules["unembedding_lr"].default,
-                "--scalar-lr": rules["scalar_lr"].default, "--weight-decay": rules["weight_decay"].default,
-                "--output-mult": GPTConfig.output_mult, "--init-scale": GPTConfig.init_scale, "--attn-mult": 0.0}
+    hp = OptimConfig(matrix_optimizer=got["--matrix-optimizer"] or OptimConfig.matrix_optimizer)
+    defaults = {"--matrix-lr": hp.matrix_lr, "--embedding-lr": hp.embedding_lr, "--unembedding-lr": hp.unembedding_lr,
+                "--scalar-lr": hp.scalar_lr, "--weight-decay": hp.weight_decay, "--output-mult": GPTConfig.output_mult,
+                "--init-scale": GPTConfig.init_scale, "--attn-mult": 0.0}
     out = {o: float(got[o]) if got[o] is not None else d for o, d in defaults.items()}
     out["head_dim"] = int(got["--head-dim"] or 64)
     if out["--attn-mult"] == 0:

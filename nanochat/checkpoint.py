@@ -18,6 +18,7 @@ import re
 import shutil
 
 import torch
+import torch.distributed as dist
 
 from nanochat.common import atomic_write_bytes, atomic_write_text
 from nanochat.gpt import GPTConfig, build_model
@@ -135,9 +136,29 @@ def resume_problem(meta, model_config, data_streams):
 
 
 def load_training_state(run_dir, meta, model, optimizer, rank, device):
-    """Load checkpoint `meta`'s weights and optimizer state in place; return its data-stream states and this rank's
-    RNG state (a rank the checkpoint did not have takes rank 0's: every rank seeds and draws alike)."""
+    """Continue checkpoint `meta` on this rank: its weights, optimizer state and RNG state are loaded in place (a
+    rank the checkpoint did not have takes rank 0's RNG: every rank seeds and draws alike); returns its
+    data-stream states."""
     model.load_state_dict(load_file(run_dir, meta["step"], "model.pt", device))
     load_optimizer(optimizer, run_dir, meta)
+    streams = load_stream_states(run_dir, meta)
     rng = load_file(run_dir, meta["step"], f"rng_rank{rank if rank < meta['world_size'] else 0}.pt")
-    return load_stream_states(run_dir, meta), rng
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"])
+    return streams
+
+
+def save_checkpoint(run_dir, step, rank, model, optimizer, sharded, loader_states, meta, device):
+    """Every rank writes its files (loader and RNG states, its optimizer shard when sharded); once all are on disk,
+    rank 0 writes the weights, the replicated optimizer state and meta.json, the commit mark."""
+    ddp = dist.is_initialized()
+    cuda_rng = torch.cuda.get_rng_state() if device.type == "cuda" else None
+    save_rank_files(run_dir, step, rank, loader_states, dict(cpu=torch.get_rng_state(), cuda=cuda_rng),
+                    optimizer.state_dict() if sharded else None)
+    if ddp:
+        dist.barrier()
+    if rank == 0:
+        save_main_files(run_dir, step, model, None if sharded else optimizer.state_dict(), meta)
+    if ddp:
+        dist.barrier()

@@ -162,6 +162,12 @@ class GPTConfig:
         the sum over L blocks, and its change in training, stays O(1) as depth grows."""
         return self.depth_mult ** -self.depth_alpha
 
+    def depth_factors(self):
+        """The depth rule's factors (all 1 without it): m_L, the branch multiplier, and the LR factors of the block
+        matrices (m_L^(alpha-1)) and of the residual scalars (1/m_L); GPT.param_rules applies them."""
+        dm = self.depth_mult
+        return dict(m_L=dm, branch_mult=self.branch_mult, matrix_lr=dm ** (self.depth_alpha - 1), scalar_lr=1 / dm)
+
     @property
     def attn_scale(self):
         # muP: q.k grows like head_dim once q and k correlate during training, so scale by 1/d (TP5 sec. 4)

@@ -157,3 +157,21 @@ class StepBatches:
         """Continue from {stream: state} (checkpoint.load_stream_states), whichever world size saved them."""
         for s, loader in self.loaders.items():
             loader.load_state_dict(states[s])
+
+
+def global_batch(B, T, world_size, total_batch_size=0, resumed_total=0):
+    """Tokens per optimizer step: --total-batch-size, else the resumed checkpoint's, else one pass of B x T per
+    process. It must split into whole device batches on every process; if not, ValueError names what to pass."""
+    per_pass = B * T * world_size
+    total = total_batch_size or resumed_total or per_pass
+    if total % per_pass == 0:
+        return total
+    rows = total // T
+    if total % T or rows % world_size:
+        fix = f"pick a multiple of {per_pass}" if total_batch_size else \
+            f"use a number of processes that divides its {rows} sequences"
+    else:  # the largest device batch <= B that splits this rank's rows evenly
+        fix = f"use --device-batch-size {max(d for d in range(1, B + 1) if rows // world_size % d == 0)}"
+    what = f"--total-batch-size={total}" if total_batch_size else f"the checkpoint's {total} tokens"
+    raise ValueError(f"{what} is not divisible by device_batch_size*sequence_len*world_size = {B}*{T}*{world_size} "
+                     f"= {per_pass}: {fix}")

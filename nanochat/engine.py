@@ -53,3 +53,19 @@ def generate(model, tokens, max_tokens, temperature=1.0, top_k=None, seed=42, us
         ids = torch.cat([ids, nxt], dim=1)
         out.append(nxt.item())
     return out
+
+
+def sample_texts(model, tokenizer, prompts, seed, max_tokens=48, temperature=0.8, top_k=50):
+    """Each prompt followed by a sampled continuation, decoded (prompt i samples with seed + i); None when the
+    logits were not finite (torch.multinomial refuses nan/inf probabilities)."""
+    texts = []
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+        try:
+            out = generate(model, ids, max_tokens, temperature, top_k, seed=seed + i)
+        except RuntimeError as e:
+            if "probability tensor" not in str(e):
+                raise
+            return None
+        texts.append(tokenizer.decode(ids[1:] + out))
+    return texts

@@ -261,7 +261,7 @@ class GPT(nn.Module):
         else:
             adam_scale = 1.0
         adam = dict(optimizer="adamw", betas=h.adam_betas)
-        dm, alpha = cfg.depth_mult, cfg.depth_alpha
+        dm, alpha, depth = cfg.depth_mult, cfg.depth_alpha, cfg.depth_factors()
         rows = []
         for name, s in self.param_shapes().items():
             role, r_out, r_in = s["role"], s["r_out"], s["r_in"]
@@ -270,20 +270,20 @@ class GPT(nn.Module):
             if role == "embedding":
                 row.update(adam, lr=h.embedding_lr * adam_scale, eps=h.adam_eps / r_out, wd=0.0)
             elif role == "scalar":
-                row.update(adam, depth_lr=1 / dm, eps=h.adam_eps, wd=0.0)
+                row.update(adam, depth_lr=depth["scalar_lr"], eps=h.adam_eps, wd=0.0)
                 row["lr"] = h.scalar_lr * (0.01 if name == "resid_lambdas" else 1.0) * row["depth_lr"]
             elif role == "readout":
                 row.update(adam, lr=h.unembedding_lr * adam_scale, eps=h.adam_eps / (r_out * r_in), wd=h.weight_decay)
                 row["fwd_mult"] = cfg.logit_mult
             elif h.matrix_optimizer == "muon":
                 base_scale = max(1.0, (s["fan_out"] / r_out) / (s["fan_in"] / r_in)) ** 0.5  # nanochat's, at the base
-                row.update(optimizer="muon", lr=h.matrix_lr * dm ** (alpha - 1), eps=None, momentum=h.muon_momentum,
+                row.update(optimizer="muon", lr=h.matrix_lr * depth["matrix_lr"], eps=None, momentum=h.muon_momentum,
                            wd=h.weight_decay * dm ** (1 - alpha), update_scale=base_scale * (r_out / r_in) ** 0.5)
             else:
-                row.update(adam, lr=h.matrix_lr / r_in * dm ** (alpha - 1), eps=h.adam_eps / r_out * dm ** -alpha,
+                row.update(adam, lr=h.matrix_lr / r_in * depth["matrix_lr"], eps=h.adam_eps / r_out * dm ** -alpha,
                            wd=h.weight_decay * r_in * dm ** (1 - alpha))
             if role == "matrix":
-                row["depth_lr"] = dm ** (alpha - 1)
+                row["depth_lr"] = depth["matrix_lr"]
                 if name.endswith("c_proj.weight"):  # the branch output: Block multiplies it by m_L^-alpha
                     row["fwd_mult"] = cfg.branch_mult
             rows.append(row)

@@ -278,3 +278,21 @@ def lr_multiplier(step, num_steps, warmup_ratio=0.0, warmdown_ratio=0.3, final_l
         return 1.0
     frac = (num_steps - step) / warmdown
     return frac + (1 - frac) * final_lr_frac
+
+
+def average_gradients(params):
+    """The replicated (unsharded) multi-process step's gradient sync: every gradient averaged over the ranks, as
+    DDP does, one async all-reduce per parameter."""
+    works = [dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, async_op=True) for p in params]
+    for w in works:
+        w.wait()
+
+
+def replica_checksum(params, world_size):
+    """A float64 checksum of all parameters, the same on every rank, or RuntimeError naming each rank's."""
+    checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
+    sums = [torch.zeros_like(checksum) for _ in range(world_size)]
+    dist.all_gather(sums, checksum)
+    if len({s.item() for s in sums}) != 1:
+        raise RuntimeError(f"ranks diverged: parameter checksums {[s.item() for s in sums]}")
+    return checksum.item()

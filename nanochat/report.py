@@ -1,6 +1,45 @@
 """
-What a training run shows besides its metrics: the muP role table (printed at start) and the loss plot (at the end).
+What a training run records and shows: config.json and metrics.jsonl (and wandb when asked), the muP role table
+(printed at start) and the loss plot (at the end).
 """
+
+import json
+import os
+
+from nanochat.common import atomic_write_text
+
+
+class RunLog:
+    """A run's config.json and metrics.jsonl, and a wandb run when named (offline unless WANDB_MODE says otherwise:
+    never online by accident). Rank 0 writes; every rank keeps the rows. Resuming from `start_step` keeps the rows up
+    to it and drops the later ones: they will be redone."""
+
+    def __init__(self, out_dir, meta, master, start_step=0, wandb_name=""):
+        self.path, self.master, self.wandb = os.path.join(out_dir, "metrics.jsonl"), master, None
+        self.rows = []
+        if start_step and os.path.exists(self.path):
+            self.rows = [m for m in map(json.loads, open(self.path)) if m["step"] <= start_step]
+        if master:
+            os.makedirs(out_dir, exist_ok=True)
+            atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(meta, indent=2))
+            atomic_write_text(self.path, "".join(json.dumps(m) + "\n" for m in self.rows))
+            if wandb_name:
+                import wandb
+
+                self.wandb = wandb.init(project="nanochat-mup", name=wandb_name, dir=out_dir, config=meta,
+                                        mode=os.environ.get("WANDB_MODE", "offline"))
+
+    def log(self, row):
+        self.rows.append(row)
+        if self.master:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.wandb is not None:
+                self.wandb.log(row, step=row["step"])
+
+    def finish(self):
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def print_role_table(model, rows):
@@ -12,9 +51,9 @@ def print_role_table(model, rows):
         print(f"muP, base: width {b.n_embd}, head_dim {b.head_dim}, {b.n_head} heads, {b.n_kv_head} kv heads, "
               f"{cfg.mup_base_n_layer} layers; m={cfg.width_mult:g}")
         if cfg.depth_alpha:
-            dm, a = cfg.depth_mult, cfg.depth_alpha
-            print(f"depth rule alpha={a:g} (CompleteP Table 1): m_L={dm:g}, branch multiplier "
-                  f"{cfg.branch_mult:.5g}, matrix LR x{dm ** (a - 1):.5g}, scalar LR x{1 / dm:.5g}")
+            f = cfg.depth_factors()
+            print(f"depth rule alpha={cfg.depth_alpha:g} (CompleteP Table 1): m_L={f['m_L']:g}, branch multiplier "
+                  f"{f['branch_mult']:.5g}, matrix LR x{f['matrix_lr']:.5g}, scalar LR x{f['scalar_lr']:.5g}")
         else:
             print("no depth rule (depth_alpha=0): the base depth must equal this depth")
     else:

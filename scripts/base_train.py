@@ -17,7 +17,6 @@ before anything is written); 3 non-finite loss, gradient, weights after an updat
 line naming the step; nothing of that step is logged or saved, so the last good checkpoint stays the latest).
 """
 
-import json
 import math
 import os
 import sys
@@ -114,22 +113,15 @@ import torch  # noqa: E402  (the options are checked first: a bad one fails fast
 import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from nanochat.checkpoint import (  # noqa: E402
-    complete_steps,
-    load_meta,
-    load_training_state,
-    resume_problem,
-    save_main_files,
-    save_rank_files,
-)
-from nanochat.common import atomic_write_text, compute_setup, dist_init, get_base_dir, get_dist_info  # noqa: E402
-from nanochat.dataloader import DataLoader, StepBatches  # noqa: E402
+from nanochat.checkpoint import complete_steps, load_meta, load_training_state, resume_problem, save_checkpoint  # noqa: E402
+from nanochat.common import compute_setup, dist_init, get_base_dir, get_dist_info  # noqa: E402
+from nanochat.dataloader import DataLoader, StepBatches, global_batch  # noqa: E402
 from nanochat.dataset import list_shards, max_docs_per_row_group  # noqa: E402
-from nanochat.engine import generate  # noqa: E402
+from nanochat.engine import sample_texts  # noqa: E402
 from nanochat.gpt import GPTConfig, build_model  # noqa: E402
 from nanochat.loss_eval import evaluate_bpb  # noqa: E402
-from nanochat.optim import DistMuonAdamW, lr_multiplier  # noqa: E402
-from nanochat.report import plot_losses, print_role_table  # noqa: E402
+from nanochat.optim import DistMuonAdamW, average_gradients, lr_multiplier, replica_checksum  # noqa: E402
+from nanochat.report import RunLog, plot_losses, print_role_table  # noqa: E402
 from nanochat.tokenizer import Tokenizer, get_token_bytes, tokenizer_dir  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -175,17 +167,10 @@ B, T = args.device_batch_size, args.sequence_len
 tokens_per_pass = B * T * world_size
 prev_total = prev and (prev.get("total_batch") or prev["args"]["total_batch_size"]
                        or prev["args"]["device_batch_size"] * prev["args"]["sequence_len"] * prev["world_size"])
-total_batch = args.total_batch_size or prev_total or tokens_per_pass
-if total_batch % tokens_per_pass:
-    rows = total_batch // T
-    if total_batch % T or rows % world_size:
-        fix = f"pick a multiple of {tokens_per_pass}" if args.total_batch_size else \
-            f"use a number of processes that divides its {rows} sequences"
-    else:  # the largest device batch <= B that splits this rank's rows evenly
-        fix = f"use --device-batch-size {max(d for d in range(1, B + 1) if rows // world_size % d == 0)}"
-    what = f"--total-batch-size={total_batch}" if args.total_batch_size else f"the checkpoint's {total_batch} tokens"
-    parser.error(f"{what} is not divisible by device_batch_size*sequence_len*world_size = {B}*{T}*{world_size} "
-                 f"= {tokens_per_pass}: {fix}")
+try:
+    total_batch = global_batch(B, T, world_size, args.total_batch_size, prev_total)
+except ValueError as e:
+    parser.error(str(e))
 grad_accum = total_batch // tokens_per_pass
 num_steps = math.ceil(args.target_tokens / total_batch) if args.target_tokens else args.num_iterations
 if num_steps <= 0:
@@ -252,27 +237,17 @@ def lr_mult(step):
 meta = dict(model_config=asdict(config), args=vars(args), world_size=world_size, data_dir=data_dir,
             tokenizer_dir=os.path.abspath(tok_dir), optimizer_sharded=sharded, data_streams=data_streams,
             total_batch=total_batch,
-            # the depth rule's factors (CompleteP; all 1 without it): residual branches, block-matrix LR, scalar LR
-            depth_factors=dict(m_L=config.depth_mult, branch_mult=config.branch_mult,
-                               matrix_lr=config.depth_mult ** (config.depth_alpha - 1),
-                               scalar_lr=1 / config.depth_mult))
-metrics_path = os.path.join(out_dir, "metrics.jsonl")
-start_step, metrics = 0, []
+            depth_factors=config.depth_factors())  # the depth rule's (CompleteP; all 1 without it)
+start_step = 0
 if args.resume:
     try:
         if problem := resume_problem(prev, meta["model_config"], data_streams):
             parser.error(f"--resume from {out_dir} step {prev['step']}: {problem}")
-        streams, rng = load_training_state(out_dir, prev, model, optimizer, rank, device)
-        batches.load_state_dicts(streams)
+        batches.load_state_dicts(load_training_state(out_dir, prev, model, optimizer, rank, device))
     except (FileNotFoundError, ValueError, RuntimeError, KeyError, TypeError) as e:
         # RuntimeError/KeyError/TypeError: a readable file whose contents do not fit (load_state_dict)
         parser.error(f"--resume: {' '.join(str(e).split())}")
-    torch.set_rng_state(rng["cpu"])
-    if rng["cuda"] is not None and device_type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"])
     start_step = prev["step"]
-    if os.path.exists(metrics_path):  # drop metrics logged after the checkpoint: they will be redone
-        metrics = [m for m in map(json.loads, open(metrics_path)) if m["step"] <= start_step]
     moved = f" (written by {prev['world_size']} processes, now {world_size})" * (prev["world_size"] != world_size)
     log(f"resumed from step {start_step} in {out_dir}{moved}"
         + (" (already complete)" if start_step >= num_steps else ""))
@@ -281,26 +256,7 @@ elif complete_steps(out_dir):
 # every input is checked: only now join the other ranks and write anything
 if ddp:
     dist_init(device)
-if master:
-    os.makedirs(out_dir, exist_ok=True)
-    atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(meta, indent=2))
-    atomic_write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
-
-wandb_run = None
-if args.run and master:
-    import wandb  # only when asked for: never online unless the user sets WANDB_MODE=online
-
-    wandb_run = wandb.init(project="nanochat-mup", name=args.run, dir=out_dir, config=meta,
-                           mode=os.environ.get("WANDB_MODE", "offline"))
-
-
-def log_metrics(row):
-    metrics.append(row)
-    if master:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if wandb_run is not None:
-            wandb_run.log(row, step=row["step"])
+run_log = RunLog(out_dir, meta, master, start_step, args.run)
 
 
 def evaluate():
@@ -317,18 +273,12 @@ def sample():
     ok = True
     if master:
         model.eval()
-        for i, prompt in enumerate(("ROMEO:", "To be, or not to be", "The king")):
-            ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-            try:
-                with autocast:
-                    out = generate(model, ids, max_tokens=48, temperature=0.8, top_k=50, seed=args.seed + i)
-            except RuntimeError as e:  # torch.multinomial refuses nan/inf probabilities
-                if "probability tensor" not in str(e):
-                    raise
-                ok = False
-                break
-            log(f"  sample: {tokenizer.decode(ids[1:] + out)!r}")
+        with autocast:
+            texts = sample_texts(model, tokenizer, ("ROMEO:", "To be, or not to be", "The king"), args.seed)
         model.train()
+        ok = texts is not None
+        for text in texts or []:
+            log(f"  sample: {text!r}")
     if ddp:  # the other ranks must stop with rank 0
         flag = torch.tensor([float(ok)], device=device)
         dist.broadcast(flag, 0)
@@ -359,15 +309,7 @@ def stop(step, what):
 
 
 def save(step):
-    save_rank_files(out_dir, step, rank, batches.state_dicts(),
-                    dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if device_type == "cuda" else None),
-                    optimizer.state_dict() if sharded else None)
-    if ddp:
-        dist.barrier()  # every rank's files are on disk before rank 0 marks the checkpoint complete
-    if master:
-        save_main_files(out_dir, step, model, None if sharded else optimizer.state_dict(), meta)
-    if ddp:
-        dist.barrier()
+    save_checkpoint(out_dir, step, rank, model, optimizer, sharded, batches.state_dicts(), meta, device)
 
 
 # -----------------------------------------------------------------------------
@@ -394,9 +336,7 @@ for step in bar:
         (loss / grad_accum).backward()
         loss_sum += loss.detach()
     if ddp and not sharded:  # average gradients across ranks (what DDP does), one async all-reduce per parameter
-        works = [dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, async_op=True) for p in model.parameters()]
-        for w in works:
-            w.wait()
+        average_gradients(model.parameters())
     # non-finite guard, decided jointly: any rank's nan/inf loss or local gradient makes the average non-finite
     grad_norms = torch.stack(torch._foreach_norm([p.grad for p in model.parameters()])).sum()  # no squares: no overflow
     health = torch.stack([loss_sum / grad_accum, grad_norms])
@@ -431,7 +371,7 @@ for step in bar:
             stop(step + 1, f"non-finite val bpb {row['val_bpb']}")
         log(f"step {step + 1}: train loss {train_loss:.4f} | val bpb {row['val_bpb']:.4f}")
     bar.set_postfix(postfix)
-    log_metrics(row)
+    run_log.log(row)
     if last or (args.sample_every and (step + 1) % args.sample_every == 0):
         if not sample():
             stop(step + 1, "non-finite logits while sampling")
@@ -439,24 +379,19 @@ for step in bar:
         save(step + 1)
     t_last = time.time()  # eval, sampling and saving do not count against throughput
 bar.close()
-if ddp:  # every rank must hold the same weights: compare a checksum of all parameters
-    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
-    sums = [torch.zeros_like(checksum) for _ in range(world_size)]
-    dist.all_gather(sums, checksum)
-    if len({s.item() for s in sums}) != 1:
-        raise RuntimeError(f"ranks diverged: parameter checksums {[s.item() for s in sums]}")
-    log(f"all {world_size} ranks hold identical parameters (checksum {checksum.item():.10g})")
+if ddp:  # every rank must hold the same weights
+    checksum = replica_checksum(model.parameters(), world_size)
+    log(f"all {world_size} ranks hold identical parameters (checksum {checksum:.10g})")
 
 # -----------------------------------------------------------------------------
 # summary and plot
 
-if master and metrics:
+if master and run_log.rows:
     plot_path = os.path.join(out_dir, "loss.png")
-    plot_losses(metrics, plot_path, os.path.basename(out_dir))
-    final = metrics[-1]
+    plot_losses(run_log.rows, plot_path, os.path.basename(out_dir))
+    final = run_log.rows[-1]
     log(f"done: val bpb {final.get('val_bpb', float('nan')):.4f} | train loss {final['train_loss']:.4f} | "
         f"plot {plot_path}")
-if wandb_run is not None:
-    wandb_run.finish()
+run_log.finish()
 if ddp:
     dist.destroy_process_group()

@@ -125,8 +125,7 @@ def test_fit_recovers_a_known_optimum_drift_and_its_interval():
 def test_init_scale_multiplies_every_init_std_but_the_scalars(mup):
     import torch
 
-    from nanochat.checkpoint import build_model
-    from nanochat.gpt import GPTConfig
+    from nanochat.gpt import GPTConfig, build_model
 
     models = []
     for scale in (1.0, 2.5):

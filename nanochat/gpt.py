@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.config import GPTConfig, OptimConfig  # noqa: F401  (GPTConfig: imported from here with GPT)
+from nanochat.config import GPTConfig, OptimConfig  # noqa: F401  (GPTConfig: also imported from here)
 from nanochat.optim import MuonAdamW
 
 # nanochat's SP rule scales the AdamW learning rates by (n_embd / 768)^-0.5; muP freezes that factor

@@ -101,6 +101,29 @@ def test_report_files_and_recommended_command(swept, corpus, tmp_path):
     assert json.load(open(tmp_path / "big" / "config.json"))["model_config"]["n_embd"] == 128
 
 
+def test_depth_rule_axis_runs_each_alpha_and_the_depth_report_reads_it(corpus, tmp_path):
+    # --alphas "0 1": no depth rule (each depth its own base) and CompleteP from base depth 1; 8 runs of 3 steps
+    out = tmp_path / "depth"
+    args = sweep_args(corpus, out, widths="16", mults="0 1", depths="1 2", alphas="0 1", modes="mup")
+    r = subprocess.run(SWEEP + args, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for depth in (1, 2):
+        for alpha in (0, 1):
+            run = out / f"mup_d{depth}_w16_x1_s0_a{alpha}"
+            point, cfg = json.load(open(run / "point.json")), json.load(open(run / "config.json"))["model_config"]
+            assert point["alpha"] == alpha and (run / "DONE").read_text().strip() == "ok"
+            assert (cfg["depth_alpha"], cfg["mup_base_n_layer"]) == ((1.0, 1) if alpha else (0.0, depth))
+    rep = tmp_path / "rep"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "depth_sweep_report.py"), str(out), "--out",
+                        str(rep)], env=env(PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert sum(line.startswith("| muon | ") for line in open(f"{rep}.md")) == 4  # 2 rules x 2 depths
+    assert set(json.load(open(f"{rep}.json"))["spread"]) == {"muon/none", "muon/completep"}
+    r = subprocess.run(SWEEP + sweep_args(corpus, tmp_path / "bad", alphas="0 1"), env=env(), capture_output=True,
+                       text=True, timeout=60)  # sp and mup: a depth rule needs muP
+    assert r.returncode == 2 and "pass --modes mup" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_fit_recovers_a_known_optimum_drift_and_its_interval():
     # loss = (x - x*(w))^2 + seed noise, with x*(w) = 0.5 * log2(w / 64): slope 0.5; a diverged point counts as +inf
     assert fit_optimum([-1, 0, 1, 2], [2.25, 0.25, 0.25, 2.25]) == pytest.approx(0.5)

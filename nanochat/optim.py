@@ -12,6 +12,8 @@ max(1, fan_out/fan_in)^0.5 at the base shape, times sqrt(r_out/r_in) under muP) 
 spectral condition ||dW||_2 ~ sqrt(fan_out/fan_in) (Yang, Simon & Bernstein 2023) and the LR is width-independent.
 """
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch.optim.adamw import adamw
@@ -286,6 +288,16 @@ def average_gradients(params):
     works = [dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, async_op=True) for p in params]
     for w in works:
         w.wait()
+
+
+def params_finite(params):
+    """Whether every weight is finite, agreed over the ranks when distributed (every rank holds the same weights;
+    agreeing explicitly keeps them in lockstep regardless). Max |w| per tensor in one fused op: a norm could
+    overflow on finite weights."""
+    worst = torch.stack(torch._foreach_norm(list(params), ord=math.inf)).max().reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return math.isfinite(worst.item())
 
 
 def replica_checksum(params, world_size):

@@ -120,7 +120,13 @@ from nanochat.dataset import list_shards, max_docs_per_row_group  # noqa: E402
 from nanochat.engine import sample_texts  # noqa: E402
 from nanochat.gpt import GPTConfig, build_model  # noqa: E402
 from nanochat.loss_eval import evaluate_bpb  # noqa: E402
-from nanochat.optim import DistMuonAdamW, average_gradients, lr_multiplier, replica_checksum  # noqa: E402
+from nanochat.optim import (  # noqa: E402
+    DistMuonAdamW,
+    average_gradients,
+    lr_multiplier,
+    params_finite,
+    replica_checksum,
+)
 from nanochat.report import RunLog, plot_losses, print_role_table  # noqa: E402
 from nanochat.tokenizer import Tokenizer, get_token_bytes, tokenizer_dir  # noqa: E402
 
@@ -286,14 +292,6 @@ def sample():
     return ok
 
 
-def params_finite():
-    # max |w| per tensor in one fused op: finite iff every weight is (a norm could overflow on finite weights)
-    worst = torch.stack(torch._foreach_norm(list(model.parameters()), ord=math.inf)).max().reshape(1)
-    if ddp:  # every rank holds the same weights; agreeing explicitly keeps the ranks in lockstep regardless
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    return math.isfinite(worst.item())
-
-
 def stop(step, what):
     """Exit 3 naming the step. Nothing of the step is logged or saved (the bad update lives only in this dying
     process's memory), so the last good checkpoint stays the latest."""
@@ -355,7 +353,7 @@ for step in bar:
     if step + 1 == args.debug_inject_nan_step and args.debug_inject_nan_into == "weights":
         with torch.no_grad():
             next(model.parameters()).view(-1)[0] = float("nan")
-    if not params_finite():  # a finite gradient can still overflow the update (a huge LR): the last step too
+    if not params_finite(model.parameters()):  # a finite gradient can still overflow the update (a huge LR)
         stop(step + 1, "non-finite parameters after the update")
     dt, t_last = time.time() - t_last, time.time()
     tok_per_s = total_batch / dt

@@ -102,22 +102,21 @@ def test_report_files_and_recommended_command(swept, corpus, tmp_path):
 
 
 def test_depth_rule_axis_runs_each_alpha_and_the_depth_report_reads_it(corpus, tmp_path):
-    # --alphas "0 1": no depth rule (each depth its own base) and CompleteP from base depth 1; 8 runs of 3 steps
+    # --alphas "0 1" at depth 2: no depth rule (depth 2 is its own base) and CompleteP from base depth 1; 2 runs
     out = tmp_path / "depth"
-    args = sweep_args(corpus, out, widths="16", mults="0 1", depths="1 2", alphas="0 1", modes="mup")
+    args = sweep_args(corpus, out, widths="16", mults="0", depths="2", alphas="0 1", modes="mup", **{"base-depth": "1"})
     r = subprocess.run(SWEEP + args, env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    for depth in (1, 2):
-        for alpha in (0, 1):
-            run = out / f"mup_d{depth}_w16_x1_s0_a{alpha}"
-            point, cfg = json.load(open(run / "point.json")), json.load(open(run / "config.json"))["model_config"]
-            assert point["alpha"] == alpha and (run / "DONE").read_text().strip() == "ok"
-            assert (cfg["depth_alpha"], cfg["mup_base_n_layer"]) == ((1.0, 1) if alpha else (0.0, depth))
+    for alpha in (0, 1):
+        run = out / f"mup_d2_w16_x0_s0_a{alpha}"
+        point, cfg = json.load(open(run / "point.json")), json.load(open(run / "config.json"))["model_config"]
+        assert point["alpha"] == alpha and (run / "DONE").read_text().strip() == "ok"
+        assert (cfg["depth_alpha"], cfg["mup_base_n_layer"]) == ((1.0, 1) if alpha else (0.0, 2))
     rep = tmp_path / "rep"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "depth_sweep_report.py"), str(out), "--out",
                         str(rep)], env=env(PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert sum(line.startswith("| muon | ") for line in open(f"{rep}.md")) == 4  # 2 rules x 2 depths
+    assert sum(line.startswith("| muon | ") for line in open(f"{rep}.md")) == 2  # 2 rules x 1 depth
     assert set(json.load(open(f"{rep}.json"))["spread"]) == {"muon/none", "muon/completep"}
     r = subprocess.run(SWEEP + sweep_args(corpus, tmp_path / "bad", alphas="0 1"), env=env(), capture_output=True,
                        text=True, timeout=60)  # sp and mup: a depth rule needs muP

@@ -81,7 +81,7 @@ def plan(out_dir, hp, mults, modes, widths, extra, alphas=()):
     for a in extra:
         if a.split("=")[0].replace("_", "-") in owned:
             raise ValueError(f"base_train option {a} is set by the sweep for every point: use the sweep's flags "
-                             "(--widths, --depths, --seeds, --base-width, --out)")
+                             "(--widths, --depths, --base-depth, --alphas, --seeds, --base-width, --out)")
     bases = base_values(extra)
     hd = int(bases.pop("head_dim"))
     for w in widths:  # base_train would otherwise round the head count and silently change the head dim

@@ -123,6 +123,13 @@ def load_model(run_dir, device, step=None):
     return model, meta
 
 
+def total_batch_of(meta):
+    """Tokens per optimizer step of the run that wrote checkpoint `meta` (older checkpoints record only the args)."""
+    a = meta["args"]
+    one_pass = a["device_batch_size"] * a["sequence_len"] * meta["world_size"]
+    return meta.get("total_batch") or a["total_batch_size"] or one_pass
+
+
 def resume_problem(meta, model_config, data_streams):
     """Why checkpoint `meta` cannot be continued by a run of this model config (a dict) and number of data streams,
     or None. The world size, optimizer sharding and batch split are free: the state is re-partitioned on load."""

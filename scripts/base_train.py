@@ -113,7 +113,14 @@ import torch  # noqa: E402  (the options are checked first: a bad one fails fast
 import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from nanochat.checkpoint import complete_steps, load_meta, load_training_state, resume_problem, save_checkpoint  # noqa: E402
+from nanochat.checkpoint import (  # noqa: E402
+    complete_steps,
+    load_meta,
+    load_training_state,
+    resume_problem,
+    save_checkpoint,
+    total_batch_of,
+)
 from nanochat.common import compute_setup, dist_init, get_base_dir, get_dist_info  # noqa: E402
 from nanochat.dataloader import DataLoader, StepBatches, global_batch  # noqa: E402
 from nanochat.dataset import list_shards, max_docs_per_row_group  # noqa: E402
@@ -171,10 +178,8 @@ tokenizer = Tokenizer.load(tok_dir)
 token_bytes = get_token_bytes(tok_dir, device)
 B, T = args.device_batch_size, args.sequence_len
 tokens_per_pass = B * T * world_size
-prev_total = prev and (prev.get("total_batch") or prev["args"]["total_batch_size"]
-                       or prev["args"]["device_batch_size"] * prev["args"]["sequence_len"] * prev["world_size"])
 try:
-    total_batch = global_batch(B, T, world_size, args.total_batch_size, prev_total)
+    total_batch = global_batch(B, T, world_size, args.total_batch_size, prev and total_batch_of(prev))
 except ValueError as e:
     parser.error(str(e))
 grad_accum = total_batch // tokens_per_pass

@@ -18,11 +18,14 @@ MATRIX_LR = {"muon": 0.02, "adamw": 0.003}  # hidden-matrix LR by optimizer
 
 @dataclass
 class OptimConfig:
+    """Optimizer hyperparameters at the base shape (GPT.param_rules derives every parameter's values from them)."""
+
     matrix_optimizer: str = field(default="muon", metadata=dict(help="optimizer for hidden matrices"))
     matrix_lr: float = field(default=None, metadata=dict(
         help=f"hidden-matrix LR (default: muon {MATRIX_LR['muon']}, adamw {MATRIX_LR['adamw']})"))
-    embedding_lr: float = field(default=0.2, metadata=dict(help="AdamW LR of the token embedding"))
-    unembedding_lr: float = field(default=0.004, metadata=dict(help="AdamW LR of lm_head"))
+    embedding_lr: float = field(default=0.2, metadata=dict(help="AdamW LR of the token embedding (the Muon setup "
+                                                                "scales it by (width / 768)^-0.5; muP: base width)"))
+    unembedding_lr: float = field(default=0.004, metadata=dict(help="AdamW LR of lm_head (scaled as the embedding's)"))
     scalar_lr: float = field(default=0.5, metadata=dict(help="AdamW LR of x0_lambdas (resid_lambdas: 0.01 x it)"))
     weight_decay: float = field(default=0.0, metadata=dict(help="decoupled weight decay of matrices and lm_head"))
     adam_betas: tuple = (0.8, 0.95)
@@ -32,9 +35,12 @@ class OptimConfig:
     def __post_init__(self):
         if self.matrix_optimizer not in MATRIX_LR:
             raise ValueError(f"matrix_optimizer={self.matrix_optimizer!r}: choose 'muon' or 'adamw'")
-        if self.matrix_lr is None:  # the default depends on the optimizer
-            self.matrix_lr = MATRIX_LR[self.matrix_optimizer]
         self.adam_betas = tuple(self.adam_betas)
+
+    def hidden_lr(self):
+        """matrix_lr, or when None the default of matrix_optimizer (kept None in the config, so that replacing the
+        optimizer also replaces its default LR)."""
+        return MATRIX_LR[self.matrix_optimizer] if self.matrix_lr is None else self.matrix_lr
 
 
 @dataclass

@@ -277,10 +277,10 @@ class GPT(nn.Module):
                 row["fwd_mult"] = cfg.logit_mult
             elif h.matrix_optimizer == "muon":
                 base_scale = max(1.0, (s["fan_out"] / r_out) / (s["fan_in"] / r_in)) ** 0.5  # nanochat's, at the base
-                row.update(optimizer="muon", lr=h.matrix_lr * depth["matrix_lr"], eps=None, momentum=h.muon_momentum,
+                row.update(optimizer="muon", lr=h.hidden_lr() * depth["matrix_lr"], eps=None, momentum=h.muon_momentum,
                            wd=h.weight_decay * dm ** (1 - alpha), update_scale=base_scale * (r_out / r_in) ** 0.5)
             else:
-                row.update(adam, lr=h.matrix_lr / r_in * depth["matrix_lr"], eps=h.adam_eps / r_out * dm ** -alpha,
+                row.update(adam, lr=h.hidden_lr() / r_in * depth["matrix_lr"], eps=h.adam_eps / r_out * dm ** -alpha,
                            wd=h.weight_decay * r_in * dm ** (1 - alpha))
             if role == "matrix":
                 row["depth_lr"] = depth["matrix_lr"]

@@ -53,7 +53,7 @@ def base_values(extra):
     ns, _ = p.parse_known_args(extra)
     got = {o: getattr(ns, o) for o in opts}
     hp = OptimConfig(matrix_optimizer=got["--matrix-optimizer"] or OptimConfig.matrix_optimizer)
-    defaults = {"--matrix-lr": hp.matrix_lr, "--embedding-lr": hp.embedding_lr, "--unembedding-lr": hp.unembedding_lr,
+    defaults = {"--matrix-lr": hp.hidden_lr(), "--embedding-lr": hp.embedding_lr, "--unembedding-lr": hp.unembedding_lr,
                 "--scalar-lr": hp.scalar_lr, "--weight-decay": hp.weight_decay, "--output-mult": GPTConfig.output_mult,
                 "--init-scale": GPTConfig.init_scale, "--attn-mult": 0.0}
     out = {o: float(got[o]) if got[o] is not None else d for o, d in defaults.items()}

@@ -9,6 +9,7 @@ import torch.nn as nn
 from conftest import DEVICE
 
 import nanochat.gpt as gpt_module
+from nanochat.config import OptimConfig
 from nanochat.engine import KVCache, generate
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.optim import orthogonalize
@@ -120,6 +121,21 @@ def group_of(opt, name):
     hits = [g for g in opt.param_groups if name in g["names"]]
     assert len(hits) == 1, name
     return hits[0]
+
+
+def test_optim_config_defaults_and_keyword_overrides():
+    model = build(n_embd=64, n_head=2)
+    cq = "transformer.h.0.attn.c_q.weight"
+
+    def lrs(*a, **kw):
+        return {r["name"]: r["lr"] for r in model.param_rules(*a, **kw)}
+
+    assert lrs()[cq] == 0.02 and lrs(matrix_optimizer="adamw")[cq] == 0.003  # nanochat's defaults (SP: r_in = 1)
+    assert lrs(OptimConfig(), matrix_optimizer="adamw")[cq] == 0.003  # the default follows a replaced optimizer
+    assert model.param_rules(matrix_lr=0.01, weight_decay=0.1) == model.param_rules(
+        OptimConfig(matrix_lr=0.01, weight_decay=0.1))
+    with pytest.raises(ValueError, match="matrix_optimizer='sgd'"):
+        model.param_rules(matrix_optimizer="sgd")
 
 
 @pytest.mark.parametrize("matrix_optimizer", ["muon", "adamw"])

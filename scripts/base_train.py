@@ -311,10 +311,6 @@ def stop(step, what):
     sys.exit(3)
 
 
-def save(step):
-    save_checkpoint(out_dir, step, rank, model, optimizer, sharded, batches.state_dicts(), meta, device)
-
-
 # -----------------------------------------------------------------------------
 # training loop
 
@@ -338,7 +334,7 @@ for step in bar:
             loss = loss * float("nan")
         (loss / grad_accum).backward()
         loss_sum += loss.detach()
-    if ddp and not sharded:  # average gradients across ranks (what DDP does), one async all-reduce per parameter
+    if ddp and not sharded:  # the replicated optimizer needs the averaged gradients (what DDP does)
         average_gradients(model.parameters())
     # non-finite guard, decided jointly: any rank's nan/inf loss or local gradient makes the average non-finite
     grad_norms = torch.stack(torch._foreach_norm([p.grad for p in model.parameters()])).sum()  # no squares: no overflow
@@ -379,7 +375,7 @@ for step in bar:
         if not sample():
             stop(step + 1, "non-finite logits while sampling")
     if last or (args.save_every and (step + 1) % args.save_every == 0):
-        save(step + 1)
+        save_checkpoint(out_dir, step + 1, rank, model, optimizer, sharded, batches.state_dicts(), meta, device)
     t_last = time.time()  # eval, sampling and saving do not count against throughput
 bar.close()
 if ddp:  # every rank must hold the same weights

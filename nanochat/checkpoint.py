@@ -18,18 +18,10 @@ import re
 import shutil
 
 import torch
+import torch.distributed as dist
 
 from nanochat.common import atomic_write_bytes, atomic_write_text
-from nanochat.gpt import GPT, GPTConfig
-
-
-def build_model(config, device):
-    """Construct on the meta device (no wasted init), materialise on `device`, initialise."""
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()
-    return model
+from nanochat.gpt import GPTConfig, build_model
 
 
 def ckpt_dir(run_dir, step):
@@ -129,3 +121,51 @@ def load_model(run_dir, device, step=None):
     model = build_model(GPTConfig(**meta["model_config"]), device)
     model.load_state_dict(load_file(run_dir, meta["step"], "model.pt", device))
     return model, meta
+
+
+def total_batch_of(meta):
+    """Tokens per optimizer step of the run that wrote checkpoint `meta` (older checkpoints record only the args)."""
+    a = meta["args"]
+    one_pass = a["device_batch_size"] * a["sequence_len"] * meta["world_size"]
+    return meta.get("total_batch") or a["total_batch_size"] or one_pass
+
+
+def resume_problem(meta, model_config, data_streams):
+    """Why checkpoint `meta` cannot be continued by a run of this model config (a dict) and number of data streams,
+    or None. The world size, optimizer sharding and batch split are free: the state is re-partitioned on load."""
+    for k, v in model_config.items():
+        if meta["model_config"].get(k) != v:
+            return f"{k}={meta['model_config'].get(k)!r} in the checkpoint but {k}={v!r} in this run"
+    if meta["data_streams"] != data_streams:
+        return (f"the checkpoint has {meta['data_streams']} data streams, this run --data-streams={data_streams}: "
+                "drop --data-streams to continue the checkpoint's")
+    return None
+
+
+def load_training_state(run_dir, meta, model, optimizer, rank, device):
+    """Continue checkpoint `meta` on this rank: its weights, optimizer state and RNG state are loaded in place (a
+    rank the checkpoint did not have takes rank 0's RNG: every rank seeds and draws alike); returns its
+    data-stream states."""
+    model.load_state_dict(load_file(run_dir, meta["step"], "model.pt", device))
+    load_optimizer(optimizer, run_dir, meta)
+    streams = load_stream_states(run_dir, meta)
+    rng = load_file(run_dir, meta["step"], f"rng_rank{rank if rank < meta['world_size'] else 0}.pt")
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"])
+    return streams
+
+
+def save_checkpoint(run_dir, step, rank, model, optimizer, sharded, loader_states, meta, device):
+    """Every rank writes its files (loader and RNG states, its optimizer shard when sharded); once all are on disk,
+    rank 0 writes the weights, the replicated optimizer state and meta.json, the commit mark."""
+    ddp = dist.is_initialized()
+    cuda_rng = torch.cuda.get_rng_state() if device.type == "cuda" else None
+    save_rank_files(run_dir, step, rank, loader_states, dict(cpu=torch.get_rng_state(), cuda=cuda_rng),
+                    optimizer.state_dict() if sharded else None)
+    if ddp:
+        dist.barrier()
+    if rank == 0:
+        save_main_files(run_dir, step, model, None if sharded else optimizer.state_dict(), meta)
+    if ddp:
+        dist.barrier()

@@ -1,10 +1,11 @@
-"""Small helpers shared across the repo: cache dir, distributed info, atomic writes."""
+"""Small helpers shared across the repo: cache dir, device / distributed / precision setup, atomic writes, the
+option parser. Torch-free at import (compute_setup imports it when called)."""
 
 import argparse
 import math
 import os
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 
 def get_base_dir():
@@ -53,6 +54,35 @@ def atomic_write_bytes(path, data):
 
 def atomic_write_text(path, text):
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def compute_setup(device="auto", dtype="auto"):
+    """This process's (device, compute dtype, autocast context) for training, benchmarks and sampling.
+    device 'auto': cuda > mps > cpu; under torchrun each process takes the GPU of its LOCAL_RANK. dtype 'auto': bf16
+    autocast on CUDA, fp32 elsewhere (bf16 autocast on CPU is several times slower). A device that is not there
+    raises ValueError naming the fix. Imports torch here: scripts check their options with ArgParser first."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device=cuda but no CUDA GPU is visible: use --device cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device=mps but MPS is not available: use --device cpu")
+    dev = torch.device("cuda", get_dist_info()[2]) if device == "cuda" else torch.device(device)
+    if device == "cuda":
+        torch.cuda.set_device(dev)
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls on CUDA
+    dt = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
+          "bfloat16": torch.bfloat16}[dtype]
+    return dev, dt, torch.autocast(device, dtype=dt) if dt != torch.float32 else nullcontext()
+
+
+def dist_init(device):
+    """Join the torchrun process group: NCCL on CUDA, gloo elsewhere."""
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
 FLOAT32_MAX = 3.4028234663852886e38

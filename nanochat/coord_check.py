@@ -23,8 +23,7 @@ import tempfile
 import numpy as np
 import torch
 
-from nanochat import checkpoint
-from nanochat.gpt import GPTConfig, apply_rotary, norm
+from nanochat.gpt import GPTConfig, apply_rotary, build_model, norm
 
 # -----------------------------------------------------------------------------------------------------
 # data: Shakespeare bytes
@@ -83,9 +82,9 @@ def byte_batches(data, B, T, n, seed=0, split="train", device="cpu"):
 # models
 
 
-def build_model(width, mup, base_width=64, head_dim=32, depth=2, seq_len=64, seed=0, output_mult=1.0, device="cpu",
-                n_kv_head=0, n_head=0, base_depth=0):
-    """A byte-level GPT of the given width; muP with `base_width` when `mup`, else SP.
+def coord_config(width, mup, base_width=64, head_dim=32, depth=2, seq_len=64, output_mult=1.0, n_kv_head=0, n_head=0,
+                 base_depth=0):
+    """The GPTConfig of a byte-level GPT of the given width; muP with `base_width` when `mup`, else SP.
 
     Width grows through heads (head_dim fixed) unless `n_head` > 0 fixes the number of heads (width grows through
     head_dim; the base's head_dim is then base_width / n_head). `n_kv_head`: 0 = MHA, k = k kv heads at every
@@ -93,10 +92,8 @@ def build_model(width, mup, base_width=64, head_dim=32, depth=2, seq_len=64, see
     heads = n_head or width // head_dim
     base_hd = base_width // n_head if n_head else head_dim
     base = dict(mup_base_width=base_width, mup_base_head_dim=base_hd, mup_base_n_layer=base_depth) if mup else {}
-    cfg = GPTConfig(sequence_len=seq_len, vocab_size=VOCAB, n_layer=depth, n_head=heads, n_kv_head=n_kv_head or heads,
-                    n_embd=width, output_mult=output_mult, **base)
-    torch.manual_seed(seed)
-    return checkpoint.build_model(cfg, device)
+    return GPTConfig(sequence_len=seq_len, vocab_size=VOCAB, n_layer=depth, n_head=heads,
+                     n_kv_head=n_kv_head or heads, n_embd=width, output_mult=output_mult, **base)
 
 
 def param_kind(name, role):
@@ -200,8 +197,9 @@ def run_one(width, mup, steps=10, seed=0, matrix_optimizer="muon", base_width=64
     """Train `steps` real optimizer steps (the model's own setup_optimizer) and measure after each.
     Returns {step: {quantity: value}}; step 0 is the init (and the shapes)."""
     data = load_text_bytes() if data is None else data
-    model = build_model(width, mup, base_width, head_dim, depth, T, seed, device=device, n_kv_head=n_kv_head,
-                        n_head=n_head)
+    torch.manual_seed(seed)
+    model = build_model(coord_config(width, mup, base_width, head_dim, depth, T, n_kv_head=n_kv_head, n_head=n_head),
+                        device)
     opt = model.setup_optimizer(matrix_optimizer=matrix_optimizer, weight_decay=weight_decay)
     for g in opt.param_groups:
         g["lr"] = g["base_lr"] = g["base_lr"] * lr_mult

@@ -122,3 +122,56 @@ class DataLoader:
         self.buffer = [t.tolist() for t in state["tokens"].long().split(state["lengths"].tolist())]
         self.order = self._order()
         self._cached = (None, None)
+
+
+class StepBatches:
+    """This rank's share of every optimizer step's global batch, read through data streams so that the batch depends
+    on the number of streams D and the rows per step G only, never on the world size M or the accumulation split.
+
+    Stream s of D reads docs[s::D] and yields G / D consecutive rows per step. The step's rows are stream 0's, then
+    stream 1's, ... and rank r takes rows [r*G/M, (r+1)*G/M) of them (its micro-step k the k-th device batch of
+    those). So 2 ranks x 1 micro-step and 1 process x 2 micro-steps (D=2) take the same optimizer step up to float
+    summation order, and a checkpoint's per-stream states continue on any M. A rank runs every stream it has rows
+    from (a stream split between two ranks is read by both); the rank holding a stream's first row saves its state.
+    G must be a multiple of D and of M."""
+
+    def __init__(self, tokenizer, data_dir, T, rows_per_step, streams, rank, world_size, device, seed):
+        per_stream, self.per_rank = rows_per_step // streams, rows_per_step // world_size
+        mine = range(rank * self.per_rank // per_stream, ((rank + 1) * self.per_rank - 1) // per_stream + 1)
+        self.offset = rank * self.per_rank - mine[0] * per_stream  # where this rank's rows start in its streams
+        self.owned = [s for s in mine if s * per_stream // self.per_rank == rank]
+        self.loaders = {s: DataLoader(tokenizer, data_dir, per_stream, T, "train", s, streams, device, seed=seed)
+                        for s in mine}
+
+    def next(self):
+        """This rank's (x, y) rows of the next step."""
+        xs, ys = zip(*(loader.next_batch() for loader in self.loaders.values()))
+        x, y = torch.cat(xs), torch.cat(ys)
+        return x[self.offset:self.offset + self.per_rank], y[self.offset:self.offset + self.per_rank]
+
+    def state_dicts(self):
+        """The states of the streams this rank saves."""
+        return [self.loaders[s].state_dict() for s in self.owned]
+
+    def load_state_dicts(self, states):
+        """Continue from {stream: state} (checkpoint.load_stream_states), whichever world size saved them."""
+        for s, loader in self.loaders.items():
+            loader.load_state_dict(states[s])
+
+
+def global_batch(B, T, world_size, total_batch_size=0, resumed_total=0):
+    """Tokens per optimizer step: --total-batch-size, else the resumed checkpoint's, else one pass of B x T per
+    process. It must split into whole device batches on every process; if not, ValueError names what to pass."""
+    per_pass = B * T * world_size
+    total = total_batch_size or resumed_total or per_pass
+    if total % per_pass == 0:
+        return total
+    rows = total // T
+    if total % T or rows % world_size:
+        fix = f"pick a multiple of {per_pass}" if total_batch_size else \
+            f"use a number of processes that divides its {rows} sequences"
+    else:  # the largest device batch <= B that splits this rank's rows evenly
+        fix = f"use --device-batch-size {max(d for d in range(1, B + 1) if rows // world_size % d == 0)}"
+    what = f"--total-batch-size={total}" if total_batch_size else f"the checkpoint's {total} tokens"
+    raise ValueError(f"{what} is not divisible by device_batch_size*sequence_len*world_size = {B}*{T}*{world_size} "
+                     f"= {per_pass}: {fix}")

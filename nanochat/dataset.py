@@ -51,6 +51,13 @@ def split_shards(data_dir, split):
     return shards[:-1] if split == "train" else shards[-1:]
 
 
+def max_docs_per_row_group(data_dir, split):
+    """The most documents in one row group of the split (the loaders stride each row group's docs over their
+    readers, so it bounds how many readers a split can feed)."""
+    mds = [pq.ParquetFile(p).metadata for p in split_shards(data_dir, split)]
+    return max((md.row_group(i).num_rows for md in mds for i in range(md.num_row_groups)), default=0)
+
+
 def iter_documents(data_dir, split="train"):
     for path in split_shards(data_dir, split):
         pf = pq.ParquetFile(path)

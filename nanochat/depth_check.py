@@ -10,21 +10,18 @@ import math
 
 import torch
 
-from nanochat import checkpoint
 from nanochat.coord_check import VOCAB, byte_batches, load_text_bytes, rms
-from nanochat.gpt import GPTConfig
+from nanochat.gpt import GPTConfig, build_model
 
 QUANTITIES = ("stream", "stream_change", "layer_update", "logits", "target_logit", "dw_rms")
 
 
-def build_model(depth, rule, width=64, head_dim=32, base_depth=2, seq_len=64, seed=0, device="cpu"):
+def depth_config(depth, rule, width=64, head_dim=32, base_depth=2, seq_len=64):
     """muP at its own base width (width-wise identical to SP but the zero readout), with the CompleteP depth rule
     (`rule` = alpha > 0, base depth `base_depth`) or without any depth rule (`rule` = 0)."""
     depth_kw = dict(mup_base_n_layer=base_depth, depth_alpha=float(rule)) if rule else {}
-    cfg = GPTConfig(sequence_len=seq_len, vocab_size=VOCAB, n_layer=depth, n_head=width // head_dim,
-                    n_kv_head=width // head_dim, n_embd=width, mup_base_width=width, **depth_kw)
-    torch.manual_seed(seed)
-    return checkpoint.build_model(cfg, device)
+    return GPTConfig(sequence_len=seq_len, vocab_size=VOCAB, n_layer=depth, n_head=width // head_dim,
+                     n_kv_head=width // head_dim, n_embd=width, mup_base_width=width, **depth_kw)
 
 
 @torch.no_grad()
@@ -66,7 +63,8 @@ def run_one(depth, rule, steps=5, seed=0, matrix_optimizer="muon", width=64, bas
             lr_mult=1.0, device="cpu"):
     """{step: {quantity: value}} after each of `steps` real optimizer steps (the model's own setup_optimizer)."""
     data = load_text_bytes() if data is None else data
-    model = build_model(depth, rule, width, base_depth=base_depth, seq_len=T, seed=seed, device=device)
+    torch.manual_seed(seed)
+    model = build_model(depth_config(depth, rule, width, base_depth=base_depth, seq_len=T), device)
     opt = model.setup_optimizer(matrix_optimizer=matrix_optimizer)
     for g in opt.param_groups:
         g["lr"] = g["base_lr"] = g["base_lr"] * lr_mult

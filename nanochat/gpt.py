@@ -7,166 +7,25 @@ untied lm_head, tanh logit softcap, no biases.
 
 `GPTConfig.mup_base_width = b > 0` turns on muP (Tensor Programs V, Yang et al. 2022) with width
 multiplier m = n_embd / b: attention logits scaled by attn_mult/head_dim, lm_head zero-initialised
-and its logits multiplied by output_mult/m, and the optimizer rules in `GPT.param_rules`.
+and its logits multiplied by output_mult/m, and the optimizer rules in `GPT.param_rules`. GPTConfig (with the
+base it records and its forward multipliers) lives in nanochat/config.py, torch-free, and is imported from here.
 `mup_base_width = 0` is the standard parametrization (SP). `depth_alpha > 0` adds the depth rule (CompleteP,
 Dey et al. 2025, arXiv 2505.01618; alpha = 1/2 is Depth-muP, Yang et al. 2023): residual branches multiplied by
 (L_base / L)^alpha and the depth factors in `GPT.param_rules`. See muP_changes.md for every rule.
 """
 
-import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.config import GPTConfig, OptimConfig  # noqa: F401  (GPTConfig: also imported from here)
 from nanochat.optim import MuonAdamW
 
 # nanochat's SP rule scales the AdamW learning rates by (n_embd / 768)^-0.5; muP freezes that factor
 # at the base width so that base-width hyperparameters mean the same in both modes.
 ADAMW_LR_REFERENCE_WIDTH = 768
-DEFAULT_MATRIX_LR = {"muon": 0.02, "adamw": 0.003}
-
-
-@dataclass
-class GPTConfig:
-    sequence_len: int = 256
-    vocab_size: int = 4096
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int = 4
-    n_embd: int = 256
-    window_pattern: str = "L"  # L = full causal, S = sequence_len // 2 past tokens; tiled, last layer L
-    softcap: float = 15.0  # tanh logit cap; 0 disables it
-    mup_base_width: int = 0  # 0 = SP; b > 0 = muP with width multiplier n_embd / b
-    # the rest of the muP base (the model the hyperparameters were tuned at); 0 = resolved in __post_init__
-    mup_base_head_dim: int = 0  # 0 = this head_dim (width grows through heads)
-    mup_base_n_kv_head: int = 0  # 0 = n_head of the base if this model is MHA, else this kv-head count (fixed)
-    mup_base_n_layer: int = 0  # 0 = n_layer; must equal n_layer unless depth_alpha > 0
-    depth_alpha: float = 0.0  # depth rule: 0 = none (depth changes refused), 1 = CompleteP, 0.5 = Depth-muP
-    attn_mult: float = 0.0  # muP attention logit scale is attn_mult / head_dim; 0 = sqrt(base head_dim)
-    output_mult: float = 1.0  # muP logits are multiplied by output_mult / m
-    init_scale: float = 1.0  # multiplies every init std (matrices, embedding, readout): a tunable base HP
-    attn_impl: str = "auto"  # auto (Triton on CUDA, else SDPA), triton (kernels/attention.py), sdpa
-    head_impl: str = "auto"  # auto (Triton on CUDA, else chunked), triton, chunked (kernels/head.py), eager
-
-    def __post_init__(self):
-        for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"GPTConfig.{name}={value!r}: must be a positive integer")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"GPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.n_head % self.n_kv_head:
-            raise ValueError(f"GPTConfig.n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
-        if self.head_dim % 2:
-            raise ValueError(f"GPTConfig head_dim={self.head_dim} (n_embd/n_head) must be even for rotary")
-        if not self.window_pattern or set(self.window_pattern) - {"L", "S"}:
-            raise ValueError(f"GPTConfig.window_pattern={self.window_pattern!r}: use only 'L' and 'S' characters")
-        if not isinstance(self.mup_base_width, int) or self.mup_base_width < 0:
-            raise ValueError(f"GPTConfig.mup_base_width={self.mup_base_width!r}: must be 0 (SP) or a positive int")
-        for name in ("softcap", "attn_mult", "output_mult", "init_scale"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0 or (value == 0 and name in ("output_mult", "init_scale")):
-                raise ValueError(f"GPTConfig.{name}={value!r}: must be a finite positive number")
-        self._resolve_mup_base()
-        if self.attn_impl not in ("auto", "triton", "sdpa"):
-            raise ValueError(f"GPTConfig.attn_impl={self.attn_impl!r}: choose auto, triton or sdpa")
-        if self.head_impl not in ("auto", "triton", "chunked", "eager"):
-            raise ValueError(f"GPTConfig.head_impl={self.head_impl!r}: choose auto, triton, chunked or eager")
-
-    def _resolve_mup_base(self):
-        """Fill in the base fields (so config.json and checkpoints record the whole base) and refuse a base that
-        is not a valid model or differs in something muP does not cover (depth: no depth rule yet)."""
-        base_fields = ("mup_base_head_dim", "mup_base_n_kv_head", "mup_base_n_layer")
-        for name in base_fields:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"GPTConfig.{name}={value!r}: must be 0 (default) or a positive int")
-            if value and not self.use_mup:
-                raise ValueError(f"GPTConfig.{name}={value} describes a muP base: set mup_base_width too, or drop it")
-        a = self.depth_alpha
-        if not isinstance(a, (int, float)) or not (a == 0 or 0.5 <= a <= 1):
-            raise ValueError(f"GPTConfig.depth_alpha={a!r}: must be 0 (no depth rule) or in [0.5, 1] "
-                             "(1 = CompleteP, 0.5 = Depth-muP)")
-        if a and not self.use_mup:
-            raise ValueError(f"GPTConfig.depth_alpha={a} is a rule relative to a muP base: set mup_base_width too "
-                             "(= n_embd for depth-only transfer)")
-        if not self.use_mup:
-            return
-        b, hd = self.mup_base_width, self.mup_base_head_dim or self.head_dim
-        if b % hd or hd % 2:
-            raise ValueError(f"GPTConfig.mup_base_width={b} is not a multiple of the base head_dim {hd} (even): "
-                             "set mup_base_head_dim to the head_dim the base was tuned at")
-        n_head = b // hd
-        kv = self.mup_base_n_kv_head or (n_head if self.n_kv_head == self.n_head else self.n_kv_head)
-        if n_head % kv:
-            raise ValueError(f"GPTConfig muP base: {n_head} heads (width {b}, head_dim {hd}) not divisible by "
-                             f"{kv} kv heads: set mup_base_n_kv_head to the base's kv-head count")
-        n_layer = self.mup_base_n_layer or self.n_layer
-        if n_layer != self.n_layer and not self.depth_alpha:
-            raise ValueError(f"GPTConfig.n_layer={self.n_layer} but the muP base has mup_base_n_layer={n_layer}: "
-                             f"muP alone transfers across width only: set depth_alpha=1 (CompleteP, --depth-alpha 1) "
-                             f"or tune the base at depth {self.n_layer}")
-        self.mup_base_head_dim, self.mup_base_n_kv_head, self.mup_base_n_layer = hd, kv, n_layer
-        self.attn_mult = self.attn_mult or math.sqrt(hd)  # muP == SP at the base width, whatever the head_dim
-
-    def mup_base(self):
-        """The width base (muP) at this model's depth, or this config (SP). Comparing its parameter shapes with this
-        model's tells which dimensions grow with width (explicit base shapes, as microsoft/mup's make_base_shapes);
-        depth has its own factors (`depth_mult`), so per-layer shapes stay comparable."""
-        if not self.use_mup:
-            return self
-        b = self.mup_base_width
-        return replace(self, n_embd=b, n_head=b // self.mup_base_head_dim, n_kv_head=self.mup_base_n_kv_head)
-
-    def mup_delta(self):
-        """A config whose shapes differ from the base's exactly in the dimensions that grow with width: this one,
-        or at the base width (where nothing differs yet) the base with twice the heads, kv heads too if MHA."""
-        base = self.mup_base()
-        if self.n_embd != base.n_embd or not self.use_mup:
-            return self
-        kv = 2 * base.n_kv_head if self.n_kv_head == self.n_head else base.n_kv_head
-        return replace(base, n_embd=2 * base.n_embd, n_head=2 * base.n_head, n_kv_head=kv)
-
-    @property
-    def head_dim(self):
-        return self.n_embd // self.n_head
-
-    @property
-    def use_mup(self):
-        return self.mup_base_width > 0
-
-    @property
-    def width_mult(self):
-        """m = n_embd / base width; exactly 1 under SP and at the base width."""
-        return self.n_embd / self.mup_base_width if self.use_mup else 1.0
-
-    @property
-    def depth_mult(self):
-        """m_L = n_layer / base depth under the depth rule; exactly 1 without it and at the base depth."""
-        return self.n_layer / self.mup_base_n_layer if self.depth_alpha else 1.0
-
-    @property
-    def branch_mult(self):
-        """Residual branch multiplier m_L^-alpha (CompleteP Table 1): keeps each block's contribution ~1/L, so
-        the sum over L blocks, and its change in training, stays O(1) as depth grows."""
-        return self.depth_mult ** -self.depth_alpha
-
-    @property
-    def attn_scale(self):
-        # muP: q.k grows like head_dim once q and k correlate during training, so scale by 1/d (TP5 sec. 4)
-        return self.attn_mult / self.head_dim if self.use_mup else 1.0 / math.sqrt(self.head_dim)
-
-    @property
-    def logit_mult(self):
-        return self.output_mult / self.width_mult if self.use_mup else 1.0
-
-    def windows(self):
-        """Per-layer left window (past tokens a query sees besides itself); None = full causal."""
-        pattern = (self.window_pattern * self.n_layer)[: self.n_layer]
-        return [self.sequence_len // 2 if c == "S" and i < self.n_layer - 1 else None for i, c in enumerate(pattern)]
-
 
 WIDTH_CLASS = {(True, True): "hidden", (True, False): "input", (False, True): "output", (False, False): "fixed"}
 
@@ -217,26 +76,6 @@ def attention(q, k, v, scale, window, impl, pos=0):
         mask = (j <= i) & (j >= i - (Tk if window is None else window))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return y.transpose(1, 2)
-
-
-class KVCache:
-    """Keys and values of every position seen so far, per layer, for generation (nanochat's engine, minus
-    batching): `pos` tokens are stored; GPT.forward appends its input's and advances `pos`."""
-
-    def __init__(self, n_layer, max_len):
-        self.max_len, self.pos = max_len, 0
-        self.k, self.v = [None] * n_layer, [None] * n_layer
-
-    def update(self, layer, k, v):
-        """Store (B, T, H_kv, D) k, v at positions pos..pos+T-1 of `layer`; return the keys and values so far."""
-        if self.k[layer] is None:  # allocated on first use: the dtype is whatever the forward computes in
-            B, _, H, D = k.shape
-            self.k[layer] = k.new_empty(B, self.max_len, H, D)
-            self.v[layer] = v.new_empty(B, self.max_len, H, D)
-        end = self.pos + k.size(1)
-        self.k[layer][:, self.pos:end] = k
-        self.v[layer][:, self.pos:end] = v
-        return self.k[layer][:, :end], self.v[layer][:, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -387,23 +226,11 @@ class GPT(nn.Module):
             )
         return use_mup
 
-    def param_rules(
-        self,
-        matrix_lr=None,
-        embedding_lr=0.2,
-        unembedding_lr=0.004,
-        scalar_lr=0.5,
-        weight_decay=0.0,
-        adam_betas=(0.8, 0.95),
-        adam_eps=1e-10,
-        muon_momentum=0.95,
-        matrix_optimizer="muon",
-        use_mup=None,
-        base_width=None,
-    ):
+    def param_rules(self, hp=None, use_mup=None, base_width=None, **kw):
         """One row per parameter: role, class, init, forward multiplier, optimizer and its effective hyperparameters.
 
-        `matrix_lr=None` takes the optimizer's default (Muon 0.02, AdamW 0.003). Every rule is SP's value at the
+        `hp`: an OptimConfig (nanochat/config.py: the values at the base shape, and their defaults); keywords
+        override its fields (`param_rules(matrix_lr=0.01)`). Every rule is SP's value at the
         base shape times a power of r_out, r_in (fan / base fan), so at the base width every multiplier is 1:
         - Muon: update scale max(1, fo/fi)^0.5 at the base shape times (r_out/r_in)^0.5, LR constant: the
           orthogonalised update's spectral norm then scales like sqrt(fan_out/fan_in) (Yang, Simon & Bernstein
@@ -425,81 +252,47 @@ class GPT(nn.Module):
           at every layer, so their per-layer changes add up coherently (L terms, not sqrt(L)).
         - embedding, readout: no depth factor (Table 1). Every factor is exactly 1 at the base depth.
         """
-        if matrix_optimizer not in DEFAULT_MATRIX_LR:
-            raise ValueError(f"matrix_optimizer={matrix_optimizer!r}: choose 'muon' or 'adamw'")
+        h = replace(hp, **kw) if hp else OptimConfig(**kw)
         cfg = self.config
         use_mup = self._resolve_mup(use_mup, base_width)
-        matrix_lr = DEFAULT_MATRIX_LR[matrix_optimizer] if matrix_lr is None else matrix_lr
-        if matrix_optimizer == "muon":
+        if h.matrix_optimizer == "muon":
             width = cfg.mup_base_width if use_mup else cfg.n_embd
             adam_scale = (width / ADAMW_LR_REFERENCE_WIDTH) ** -0.5
         else:
             adam_scale = 1.0
-        adam = dict(optimizer="adamw", betas=tuple(adam_betas))
-        dm, alpha = cfg.depth_mult, cfg.depth_alpha
+        adam = dict(optimizer="adamw", betas=h.adam_betas)
+        dm, alpha, depth = cfg.depth_mult, cfg.depth_alpha, cfg.depth_factors()
         rows = []
         for name, s in self.param_shapes().items():
             role, r_out, r_in = s["role"], s["r_out"], s["r_in"]
             row = dict(name=name, role=role, cls=s["cls"], shape=tuple(self.get_parameter(name).shape),
                        base_shape=s["base_shape"], init_std=self.init_std(name, s), fwd_mult=1.0, depth_lr=1.0)
             if role == "embedding":
-                row.update(adam, lr=embedding_lr * adam_scale, eps=adam_eps / r_out, wd=0.0)
+                row.update(adam, lr=h.embedding_lr * adam_scale, eps=h.adam_eps / r_out, wd=0.0)
             elif role == "scalar":
-                row.update(adam, depth_lr=1 / dm, eps=adam_eps, wd=0.0)
-                row["lr"] = scalar_lr * (0.01 if name == "resid_lambdas" else 1.0) * row["depth_lr"]
+                row.update(adam, depth_lr=depth["scalar_lr"], eps=h.adam_eps, wd=0.0)
+                row["lr"] = h.scalar_lr * (0.01 if name == "resid_lambdas" else 1.0) * row["depth_lr"]
             elif role == "readout":
-                row.update(adam, lr=unembedding_lr * adam_scale, eps=adam_eps / (r_out * r_in), wd=weight_decay)
+                row.update(adam, lr=h.unembedding_lr * adam_scale, eps=h.adam_eps / (r_out * r_in), wd=h.weight_decay)
                 row["fwd_mult"] = cfg.logit_mult
-            elif matrix_optimizer == "muon":
+            elif h.matrix_optimizer == "muon":
                 base_scale = max(1.0, (s["fan_out"] / r_out) / (s["fan_in"] / r_in)) ** 0.5  # nanochat's, at the base
-                row.update(optimizer="muon", lr=matrix_lr * dm ** (alpha - 1), eps=None, momentum=muon_momentum,
-                           wd=weight_decay * dm ** (1 - alpha), update_scale=base_scale * (r_out / r_in) ** 0.5)
+                row.update(optimizer="muon", lr=h.hidden_lr() * depth["matrix_lr"], eps=None, momentum=h.muon_momentum,
+                           wd=h.weight_decay * dm ** (1 - alpha), update_scale=base_scale * (r_out / r_in) ** 0.5)
             else:
-                row.update(adam, lr=matrix_lr / r_in * dm ** (alpha - 1), eps=adam_eps / r_out * dm ** -alpha,
-                           wd=weight_decay * r_in * dm ** (1 - alpha))
+                row.update(adam, lr=h.hidden_lr() / r_in * depth["matrix_lr"], eps=h.adam_eps / r_out * dm ** -alpha,
+                           wd=h.weight_decay * r_in * dm ** (1 - alpha))
             if role == "matrix":
-                row["depth_lr"] = dm ** (alpha - 1)
+                row["depth_lr"] = depth["matrix_lr"]
                 if name.endswith("c_proj.weight"):  # the branch output: Block multiplies it by m_L^-alpha
                     row["fwd_mult"] = cfg.branch_mult
             rows.append(row)
         return rows
 
-    def mup_table(self, print_table=False, **kwargs):
-        """The role table (rows of `param_rules`); printed by the training script at start."""
-        rows = self.param_rules(**kwargs)
-        if print_table:
-            cfg = self.config
-            if cfg.use_mup:
-                b = cfg.mup_base()
-                print(f"muP, base: width {b.n_embd}, head_dim {b.head_dim}, {b.n_head} heads, {b.n_kv_head} kv heads, "
-                      f"{cfg.mup_base_n_layer} layers; m={cfg.width_mult:g}")
-                if cfg.depth_alpha:
-                    dm, a = cfg.depth_mult, cfg.depth_alpha
-                    print(f"depth rule alpha={a:g} (CompleteP Table 1): m_L={dm:g}, branch multiplier "
-                          f"{cfg.branch_mult:.5g}, matrix LR x{dm ** (a - 1):.5g}, scalar LR x{1 / dm:.5g}")
-                else:
-                    print("no depth rule (depth_alpha=0): the base depth must equal this depth")
-            else:
-                print("SP")
-            print(f"attention scale {cfg.attn_scale:.5g}, logit multiplier {cfg.logit_mult:.5g}")
-            print(f"{'parameter':<36} {'role':<9} {'class':<6} {'shape':<10} {'base':<10} {'init std':>9} "
-                  f"{'fwd mult':>8} {'optim':<5} {'lr':>9} {'lr depth':>8} {'adam eps':>8} {'wd':>6} {'upd scale':>9}")
-            for r in rows:
-                eps = "-" if r["eps"] is None else f"{r['eps']:.3g}"
-                scale = f"{r['update_scale']:.4g}" if "update_scale" in r else "-"
-                shape, base = ("x".join(map(str, r[k])) for k in ("shape", "base_shape"))
-                print(f"{r['name']:<36} {r['role']:<9} {r['cls']:<6} {shape:<10} {base:<10} {r['init_std']:>9.4g} "
-                      f"{r['fwd_mult']:>8.4g} {r['optimizer']:<5} {r['lr']:>9.4g} {r['depth_lr']:>8.4g} {eps:>8} "
-                      f"{r['wd']:>6.3g} "
-                      f"{scale:>9}")
-        return rows
-
-    def setup_optimizer(self, matrix_lr=None, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0,
-                        scalar_lr=0.5, adam_betas=(0.8, 0.95), adam_eps=1e-10, muon_momentum=0.95,
-                        matrix_optimizer="muon", use_mup=None, base_width=None):
-        """One MuonAdamW with a param group per rule; each group keeps its `base_lr` for LR schedules."""
-        rows = self.param_rules(matrix_lr, embedding_lr, unembedding_lr, scalar_lr, weight_decay, adam_betas,
-                                adam_eps, muon_momentum, matrix_optimizer, use_mup, base_width)
+    def setup_optimizer(self, hp=None, use_mup=None, base_width=None, **kw):
+        """One MuonAdamW with a param group per rule; each group keeps its `base_lr` for LR schedules. Arguments as
+        `param_rules`."""
+        rows = self.param_rules(hp, use_mup, base_width, **kw)
         groups = {}
         for r in rows:
             # Muon stacks same-shape matrices to orthogonalise them in one batched call
@@ -591,7 +384,7 @@ class GPT(nn.Module):
         return loss.view(B, T) if reduction == "none" else loss
 
     # -------------------------------------------------------------------------------------------------
-    # accounting and sampling
+    # accounting
 
     def num_flops_per_token(self):
         """Training FLOPs per token: 6 per matmul weight (fwd + bwd) plus attention scores (causal, unwindowed)."""
@@ -599,30 +392,12 @@ class GPT(nn.Module):
         n_matmul = sum(p.numel() for n, p in self.named_parameters() if n != "transformer.wte.weight" and p.ndim == 2)
         return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_embd * cfg.sequence_len
 
-    @torch.no_grad()
-    def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42, use_cache=True):
-        """Sample continuation token ids of a list of prompt ids. With the KV cache each step feeds only the
-        new token. The context is the last sequence_len tokens: once longer, every position shifts each step,
-        so from then on each token takes a full forward over that window (with or without the cache)."""
-        device = self.cos.device
-        L = self.config.sequence_len
-        rng = torch.Generator(device=device).manual_seed(seed)
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        cache = KVCache(self.config.n_layer, L) if use_cache else None
-        out = []
-        for _ in range(max_tokens):
-            if cache is not None and ids.size(1) <= L:
-                logits = self(ids[:, cache.pos:], kv_cache=cache)[:, -1, :]
-            else:
-                logits = self(ids[:, -L:])[:, -1, :]
-            if temperature == 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                probs = F.softmax(logits / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=rng)
-            ids = torch.cat([ids, nxt], dim=1)
-            out.append(nxt.item())
-        return out
+
+def build_model(config, device="cpu"):
+    """The one way to make a GPT (training, sampling, benchmarks, checks, tests): construct on the meta device (no
+    memory, no wasted init), materialise on `device`, initialise by the rules. device="meta": shapes only."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model

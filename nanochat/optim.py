@@ -12,6 +12,8 @@ max(1, fan_out/fan_in)^0.5 at the base shape, times sqrt(r_out/r_in) under muP) 
 spectral condition ||dW||_2 ~ sqrt(fan_out/fan_in) (Yang, Simon & Bernstein 2023) and the LR is width-independent.
 """
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch.optim.adamw import adamw
@@ -266,3 +268,43 @@ class DistMuonAdamW(MuonAdamW):
         adamw([p], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [state["step"]], amsgrad=False,
               beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
               maximize=False)
+
+
+def lr_multiplier(step, num_steps, warmup_ratio=0.0, warmdown_ratio=0.3, final_lr_frac=0.0):
+    """nanochat's schedule, a factor on every group's base_lr at 0-based `step`: linear warmup over the first
+    warmup_ratio of the steps, constant, then a linear warmdown over the last warmdown_ratio to final_lr_frac."""
+    warmup, warmdown = round(warmup_ratio * num_steps), round(warmdown_ratio * num_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step < num_steps - warmdown:
+        return 1.0
+    frac = (num_steps - step) / warmdown
+    return frac + (1 - frac) * final_lr_frac
+
+
+def average_gradients(params):
+    """The replicated (unsharded) multi-process step's gradient sync: every gradient averaged over the ranks, as
+    DDP does, one async all-reduce per parameter."""
+    works = [dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, async_op=True) for p in params]
+    for w in works:
+        w.wait()
+
+
+def params_finite(params):
+    """Whether every weight is finite, agreed over the ranks when distributed (every rank holds the same weights;
+    agreeing explicitly keeps them in lockstep regardless). Max |w| per tensor in one fused op: a norm could
+    overflow on finite weights."""
+    worst = torch.stack(torch._foreach_norm(list(params), ord=math.inf)).max().reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return math.isfinite(worst.item())
+
+
+def replica_checksum(params, world_size):
+    """A float64 checksum of all parameters, the same on every rank, or RuntimeError naming each rank's."""
+    checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
+    sums = [torch.zeros_like(checksum) for _ in range(world_size)]
+    dist.all_gather(sums, checksum)
+    if len({s.item() for s in sums}) != 1:
+        raise RuntimeError(f"ranks diverged: parameter checksums {[s.item() for s in sums]}")
+    return checksum.item()

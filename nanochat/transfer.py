@@ -9,17 +9,18 @@ The fitted optimum per width is the vertex of a parabola in x through the best g
 the bootstrap resamples seeds; the transfer summary is the slope of the optimum against log2(width), which muP
 predicts to be 0 and SP predicts to drift where its rule differs from muP's.
 
-    python -m nanochat.transfer plan DIR HP "MULTS" "MODES" "WIDTHS" -- [base_train options]   (sweep.sh's planner)
+    python -m nanochat.transfer plan DIR HP "MULTS" "MODES" "WIDTHS" "ALPHAS" -- [base_train options]   (sweep.sh's)
 """
 
 import argparse
-import inspect
 import json
 import math
 import os
 import sys
 
 import numpy as np
+
+from nanochat.config import GPTConfig, OptimConfig
 
 # hp -> the base_train options it scales (a global LR scales every LR group together)
 LR_OPTS = ("--matrix-lr", "--embedding-lr", "--unembedding-lr", "--scalar-lr")
@@ -45,19 +46,16 @@ def _spellings(opt):
 def base_values(extra):
     """The base value of every sweepable option: as given in `extra` (base_train options), else base_train's
     default. attn_mult's default 0 means sqrt(base head_dim) (GPTConfig), resolved here so it can be scaled."""
-    from nanochat.gpt import DEFAULT_MATRIX_LR, GPT, GPTConfig  # torch: only the planner pays for it
-
     p = argparse.ArgumentParser(add_help=False)
     opts = sorted({o for v in HPS.values() for o in v} | {"--matrix-optimizer", "--head-dim", "--mup-base-head-dim"})
     for o in opts:
         p.add_argument(*_spellings(o), dest=o)
     ns, _ = p.parse_known_args(extra)
     got = {o: getattr(ns, o) for o in opts}
-    rules = inspect.signature(GPT.param_rules).parameters
-    defaults = {"--matrix-lr": DEFAULT_MATRIX_LR[got["--matrix-optimizer"] or "muon"],
-                "--embedding-lr": rules["embedding_lr"].default, "--unembedding-lr": rules["unembedding_lr"].default,
-                "--scalar-lr": rules["scalar_lr"].default, "--weight-decay": rules["weight_decay"].default,
-                "--output-mult": GPTConfig.output_mult, "--init-scale": GPTConfig.init_scale, "--attn-mult": 0.0}
+    hp = OptimConfig(matrix_optimizer=got["--matrix-optimizer"] or OptimConfig.matrix_optimizer)
+    defaults = {"--matrix-lr": hp.hidden_lr(), "--embedding-lr": hp.embedding_lr, "--unembedding-lr": hp.unembedding_lr,
+                "--scalar-lr": hp.scalar_lr, "--weight-decay": hp.weight_decay, "--output-mult": GPTConfig.output_mult,
+                "--init-scale": GPTConfig.init_scale, "--attn-mult": 0.0}
     out = {o: float(got[o]) if got[o] is not None else d for o, d in defaults.items()}
     out["head_dim"] = int(got["--head-dim"] or 64)
     if out["--attn-mult"] == 0:
@@ -65,18 +63,25 @@ def base_values(extra):
     return out
 
 
-def plan(out_dir, hp, mults, modes, widths, extra):
+def plan(out_dir, hp, mults, modes, widths, extra, alphas=()):
     """Check a sweep's definition and return {x: [base_train args setting the swept options to base * 2^x]}.
     Records it in out_dir/sweep.json; an existing one must agree (a resumed sweep keeps its meaning).
-    Raises ValueError with a one-line message."""
+    `alphas`: the depth-rule axis (sweep.sh --alphas), recorded only when given. Raises ValueError with a one-line
+    message."""
     if hp not in HPS:
         raise ValueError(f"--hp {hp}: not sweepable: pass one of {', '.join(HPS)}")
     if hp in MUP_ONLY and "sp" in modes:
         raise ValueError(f"--hp {hp} is a muP knob (SP has none): pass --modes mup")
+    for a in alphas:
+        if not (float(a) == 0 or 0.5 <= float(a) <= 1):
+            raise ValueError(f"--alphas: {a} is not a depth exponent: pass 0 (no depth rule) or one in [0.5, 1]")
+        if float(a) and "sp" in modes:
+            raise ValueError(f"--alphas: alpha {a} is a rule relative to a muP base: pass --modes mup")
+    owned = OWNED + (("--depth-alpha", "--mup-base-depth") if alphas else ())
     for a in extra:
-        if a.split("=")[0].replace("_", "-") in OWNED:
+        if a.split("=")[0].replace("_", "-") in owned:
             raise ValueError(f"base_train option {a} is set by the sweep for every point: use the sweep's flags "
-                             "(--widths, --depths, --seeds, --base-width, --out)")
+                             "(--widths, --depths, --base-depth, --alphas, --seeds, --base-width, --out)")
     bases = base_values(extra)
     hd = int(bases.pop("head_dim"))
     for w in widths:  # base_train would otherwise round the head count and silently change the head dim
@@ -88,6 +93,8 @@ def plan(out_dir, hp, mults, modes, widths, extra):
             raise ValueError(f"--hp {hp}: the base value of {o} is 0 and 2^x * 0 = 0: pass {o} V (V > 0) after --")
     xs = [float(m) for m in mults]
     meta = dict(hp=hp, options=list(HPS[hp]), base={o: bases[o] for o in HPS[hp]}, extra=list(extra))
+    if alphas:
+        meta["alphas"] = [float(a) for a in alphas]
     path = os.path.join(out_dir, "sweep.json")
     if os.path.exists(path):
         old = json.load(open(path))
@@ -244,11 +251,11 @@ def recommend(s, base_width, target_width):
 
 
 def main(argv):
-    if len(argv) < 6 or argv[0] != "plan" or "--" not in argv:
-        sys.exit("usage: python -m nanochat.transfer plan DIR HP MULTS MODES WIDTHS -- [base_train options]")
-    out_dir, hp, mults, modes, widths = argv[1:6]
+    if len(argv) < 8 or argv[0] != "plan" or argv[7] != "--":
+        sys.exit("usage: python -m nanochat.transfer plan DIR HP MULTS MODES WIDTHS ALPHAS -- [base_train options]")
+    out_dir, hp, mults, modes, widths, alphas = argv[1:7]
     try:
-        for x in plan(out_dir, hp, mults.split(), modes.split(), widths.split(), argv[argv.index("--") + 1:]).items():
+        for x in plan(out_dir, hp, mults.split(), modes.split(), widths.split(), argv[8:], alphas.split()).items():
             print(f"{x[0]:g}\t{' '.join(x[1])}")
     except ValueError as e:
         print(f"sweep.sh: {e}", file=sys.stderr)

@@ -17,13 +17,14 @@ before anything is written); 3 non-finite loss, gradient, weights after an updat
 line naming the step; nothing of that step is logged or saved, so the last good checkpoint stays the latest).
 """
 
-import json
 import math
 import os
 import sys
 import time
+from dataclasses import asdict, fields
 
 from nanochat.common import ArgParser
+from nanochat.config import MATRIX_LR, OptimConfig
 
 # -----------------------------------------------------------------------------
 # options: every one is checked here, before torch is imported and before anything is written
@@ -56,12 +57,13 @@ parser.add("--attn-mult", type=float, default=0.0, min=0,
 parser.add("--output-mult", type=float, default=1.0, above=0, help="muP logits are multiplied by output_mult / m")
 parser.add("--init-scale", type=float, default=1.0, above=0, help="multiplier on every init std (1 = the rules' stds)")
 # optimization
-parser.add("--matrix-optimizer", default="muon", choices=["muon", "adamw"], help="optimizer for hidden matrices")
-parser.add("--matrix-lr", type=float, default=None, min=0, help="hidden-matrix LR (default: muon 0.02, adamw 0.003)")
-parser.add("--embedding-lr", type=float, default=0.2, min=0)
-parser.add("--unembedding-lr", type=float, default=0.004, min=0)
-parser.add("--scalar-lr", type=float, default=0.5, min=0)
-parser.add("--weight-decay", type=float, default=0.0, min=0)
+hp_fields = {f.name: f for f in fields(OptimConfig)}  # defaults and help: nanochat/config.py
+parser.add("--matrix-optimizer", default=hp_fields["matrix_optimizer"].default, choices=list(MATRIX_LR),
+           help=hp_fields["matrix_optimizer"].metadata["help"])
+HP_OPTIONS = ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay")
+for name in HP_OPTIONS:
+    parser.add("--" + name.replace("_", "-"), type=float, default=hp_fields[name].default, min=0,
+               help=hp_fields[name].metadata["help"])
 parser.add("--device-batch-size", type=int, default=16, min=1, help="sequences per forward pass per process")
 parser.add("--total-batch-size", type=int, default=0, min=0,
            help="tokens per optimizer step (0 = one pass per process; on --resume: the checkpoint's)")
@@ -107,54 +109,48 @@ out_dir = os.path.abspath(args.out_dir or os.path.join("runs", args.run or "base
 if not args.out_dir:  # the default path gets the same checks as an explicit one
     parser.check_path("--out-dir", out_dir, "out")
 
-from contextlib import nullcontext  # noqa: E402  (the options are checked first: a bad one fails fast)
-from dataclasses import asdict  # noqa: E402
-
-import pyarrow.parquet as pq  # noqa: E402
-import torch  # noqa: E402
+import torch  # noqa: E402  (the options are checked first: a bad one fails fast)
 import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from nanochat.checkpoint import (  # noqa: E402
-    build_model,
     complete_steps,
-    load_file,
     load_meta,
-    load_optimizer,
-    load_stream_states,
-    save_main_files,
-    save_rank_files,
+    load_training_state,
+    resume_problem,
+    save_checkpoint,
+    total_batch_of,
 )
-from nanochat.common import atomic_write_text, get_base_dir, get_dist_info  # noqa: E402
-from nanochat.dataloader import DataLoader  # noqa: E402
-from nanochat.dataset import list_shards, split_shards  # noqa: E402
-from nanochat.gpt import GPTConfig  # noqa: E402
+from nanochat.common import compute_setup, dist_init, get_base_dir, get_dist_info  # noqa: E402
+from nanochat.dataloader import DataLoader, StepBatches, global_batch  # noqa: E402
+from nanochat.dataset import list_shards, max_docs_per_row_group  # noqa: E402
+from nanochat.engine import sample_texts  # noqa: E402
+from nanochat.gpt import GPTConfig, build_model  # noqa: E402
 from nanochat.loss_eval import evaluate_bpb  # noqa: E402
-from nanochat.optim import DistMuonAdamW  # noqa: E402
+from nanochat.optim import (  # noqa: E402
+    DistMuonAdamW,
+    average_gradients,
+    lr_multiplier,
+    params_finite,
+    replica_checksum,
+)
+from nanochat.report import RunLog, plot_losses, print_role_table  # noqa: E402
 from nanochat.tokenizer import Tokenizer, get_token_bytes, tokenizer_dir  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # compute: device, distributed, precision
 
 ddp, rank, local_rank, world_size = get_dist_info()
-if args.device == "auto":
-    device_type = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-else:
-    device_type = args.device
-if device_type == "cuda" and not torch.cuda.is_available():
-    parser.error("--device=cuda but no CUDA GPU is visible: use --device cpu")
-device = torch.device(f"cuda:{local_rank}" if device_type == "cuda" else device_type)
-if device_type == "cuda":
-    torch.cuda.set_device(device)
+try:
+    device, dtype, autocast = compute_setup(args.device, args.dtype)
+except ValueError as e:
+    parser.error(str(e))
+device_type = device.type
 sharded = args.optimizer_sharding == "on" or (args.optimizer_sharding == "auto" and world_size > 1)
 if sharded and world_size == 1:
     parser.error("--optimizer-sharding=on needs more than one process: launch with torchrun --nproc_per_node=N")
 master = rank == 0
 torch.manual_seed(args.seed)
-torch.set_float32_matmul_precision("high")
-dtype = {"auto": torch.bfloat16 if device_type == "cuda" else torch.float32,
-         "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 use_compile = args.compile == "1" or (args.compile == "auto" and device_type == "cuda")
 
 
@@ -182,58 +178,28 @@ tokenizer = Tokenizer.load(tok_dir)
 token_bytes = get_token_bytes(tok_dir, device)
 B, T = args.device_batch_size, args.sequence_len
 tokens_per_pass = B * T * world_size
-prev_total = prev and (prev.get("total_batch") or prev["args"]["total_batch_size"]
-                       or prev["args"]["device_batch_size"] * prev["args"]["sequence_len"] * prev["world_size"])
-total_batch = args.total_batch_size or prev_total or tokens_per_pass
-if total_batch % tokens_per_pass:
-    rows = total_batch // T
-    if total_batch % T or rows % world_size:
-        fix = f"pick a multiple of {tokens_per_pass}" if args.total_batch_size else \
-            f"use a number of processes that divides its {rows} sequences"
-    else:  # the largest device batch <= B that splits this rank's rows evenly
-        fix = f"use --device-batch-size {max(d for d in range(1, B + 1) if rows // world_size % d == 0)}"
-    what = f"--total-batch-size={total_batch}" if args.total_batch_size else f"the checkpoint's {total_batch} tokens"
-    parser.error(f"{what} is not divisible by device_batch_size*sequence_len*world_size = {B}*{T}*{world_size} "
-                 f"= {tokens_per_pass}: {fix}")
+try:
+    total_batch = global_batch(B, T, world_size, args.total_batch_size, prev and total_batch_of(prev))
+except ValueError as e:
+    parser.error(str(e))
 grad_accum = total_batch // tokens_per_pass
 num_steps = math.ceil(args.target_tokens / total_batch) if args.target_tokens else args.num_iterations
 if num_steps <= 0:
     parser.error("--num-iterations=0 and no --target-tokens: nothing to train")
-# Data streams: a step's global batch is G = total_batch / T rows; stream s of D reads docs[s::D] and yields G / D
-# consecutive rows per step. The step's rows are stream 0's, then stream 1's, ... and rank r takes rows
-# [r*G/M, (r+1)*G/M) of them, its micro-step k the k-th B of those. So the batch depends on D and G only, never
-# on the world size M or the accumulation split: 2 ranks x 1 micro-step and 1 process x 2 micro-steps (D=2)
-# take the same optimizer step up to float summation order, and a checkpoint's per-stream states continue on any
-# M. A rank runs every stream it has rows from (a stream split between two ranks is read by both).
+# the global batch is read through data streams (nanochat/dataloader.py: StepBatches), independent of world size
 data_streams = args.data_streams or (prev["data_streams"] if prev else world_size)
-rows_per_step, rows_per_rank = total_batch // T, total_batch // T // world_size
+rows_per_step = total_batch // T
 if rows_per_step % data_streams:
     parser.error(f"--data-streams={data_streams}: must divide the {rows_per_step} sequences of a step "
                  f"(--total-batch-size / --sequence-len): pick a divisor of {rows_per_step}")
-rows_per_stream = rows_per_step // data_streams
-my_streams = range(rank * rows_per_rank // rows_per_stream, ((rank + 1) * rows_per_rank - 1) // rows_per_stream + 1)
-my_offset = rank * rows_per_rank - my_streams[0] * rows_per_stream  # where this rank's rows start in its streams
-owned = [s for s in my_streams if s * rows_per_stream // rows_per_rank == rank]  # saved by this rank
 try:
     for split, n in (("train", data_streams), ("val", world_size)):
-        rows = [md.row_group(i).num_rows for md in (pq.ParquetFile(p).metadata for p in split_shards(data_dir, split))
-                for i in range(md.num_row_groups)]
-        if max(rows, default=0) < n:  # the loaders stride each row group's docs over n readers
-            parser.error(f"--data-dir={data_dir}: the {split} split has at most {max(rows, default=0)} documents "
+        if (most := max_docs_per_row_group(data_dir, split)) < n:  # the loaders stride a row group over n readers
+            parser.error(f"--data-dir={data_dir}: the {split} split has at most {most} documents "
                          f"per row group, fewer than its {n} readers: use fewer streams/processes or more data")
-    train_loaders = {s: DataLoader(tokenizer, data_dir, rows_per_stream, T, "train", s, data_streams, device,
-                                   seed=args.seed) for s in my_streams}
+    batches = StepBatches(tokenizer, data_dir, T, rows_per_step, data_streams, rank, world_size, device, args.seed)
 except (OSError, ValueError) as e:  # a corrupt or empty shard (pyarrow's ArrowInvalid is a ValueError)
     parser.error(f"--data-dir={data_dir}: cannot read the shards ({' '.join(str(e).split())})")
-
-
-def next_rows():
-    """This rank's rows_per_rank (x, y) rows of the next step."""
-    xs, ys = zip(*(loader.next_batch() for loader in train_loaders.values()))
-    x, y = torch.cat(xs), torch.cat(ys)
-    return x[my_offset:my_offset + rows_per_rank], y[my_offset:my_offset + rows_per_rank]
-
-
 eval_steps = max(1, args.eval_tokens // tokens_per_pass)
 
 # -----------------------------------------------------------------------------
@@ -263,24 +229,17 @@ if args.head_impl == "triton":
     if why := kernels.head.unsupported(device_type, dtype):
         parser.error(f"--head-impl=triton cannot run {why}: use --head-impl chunked (or auto)")
 model = build_model(config, device)
-opt_kwargs = dict(matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,
-                  weight_decay=args.weight_decay, scalar_lr=args.scalar_lr, matrix_optimizer=args.matrix_optimizer)
-optimizer = model.setup_optimizer(**opt_kwargs)
+hp = OptimConfig(args.matrix_optimizer, **{name: getattr(args, name) for name in HP_OPTIONS})
+optimizer = model.setup_optimizer(hp)
 if sharded:  # same groups, ZeRO-2 step: reduce-scatters the raw local gradients itself
     optimizer = DistMuonAdamW(optimizer.param_groups, rank, world_size)
 if master:
-    model.mup_table(print_table=True, **opt_kwargs)
+    print_role_table(model, model.param_rules(hp))
 train_model = torch.compile(model, dynamic=False) if use_compile else model
 
 
 def lr_mult(step):
-    warmup, warmdown = round(args.warmup_ratio * num_steps), round(args.warmdown_ratio * num_steps)
-    if step < warmup:
-        return (step + 1) / warmup
-    if step < num_steps - warmdown:
-        return 1.0
-    frac = (num_steps - step) / warmdown
-    return frac + (1 - frac) * args.final_lr_frac
+    return lr_multiplier(step, num_steps, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
 
 
 # -----------------------------------------------------------------------------
@@ -289,46 +248,17 @@ def lr_mult(step):
 meta = dict(model_config=asdict(config), args=vars(args), world_size=world_size, data_dir=data_dir,
             tokenizer_dir=os.path.abspath(tok_dir), optimizer_sharded=sharded, data_streams=data_streams,
             total_batch=total_batch,
-            # the depth rule's factors (CompleteP; all 1 without it): residual branches, block-matrix LR, scalar LR
-            depth_factors=dict(m_L=config.depth_mult, branch_mult=config.branch_mult,
-                               matrix_lr=config.depth_mult ** (config.depth_alpha - 1),
-                               scalar_lr=1 / config.depth_mult))
-metrics_path = os.path.join(out_dir, "metrics.jsonl")
-start_step, metrics = 0, []
-
-
-def check_resumable(prev):
-    # the run must be the one the checkpoint continues: same model and data streams (world size, sharding,
-    # batch split are free: the state is re-partitioned)
-    for k, v in meta["model_config"].items():
-        if prev["model_config"].get(k) != v:
-            return f"{k}={prev['model_config'].get(k)!r} in the checkpoint but {k}={v!r} in this run"
-    if prev["data_streams"] != data_streams:
-        return (f"the checkpoint has {prev['data_streams']} data streams, this run --data-streams={data_streams}: "
-                "drop --data-streams to continue the checkpoint's")
-    return None
-
-
+            depth_factors=config.depth_factors())  # the depth rule's (CompleteP; all 1 without it)
+start_step = 0
 if args.resume:
     try:
-        if problem := check_resumable(prev):
+        if problem := resume_problem(prev, meta["model_config"], data_streams):
             parser.error(f"--resume from {out_dir} step {prev['step']}: {problem}")
-        model.load_state_dict(load_file(out_dir, prev["step"], "model.pt", device))
-        load_optimizer(optimizer, out_dir, prev)
-        streams = load_stream_states(out_dir, prev)
-        for s, loader in train_loaders.items():
-            loader.load_state_dict(streams[s])
-        # every rank seeds and draws alike, so a new rank takes rank 0's RNG state
-        rng = load_file(out_dir, prev["step"], f"rng_rank{rank if rank < prev['world_size'] else 0}.pt")
+        batches.load_state_dicts(load_training_state(out_dir, prev, model, optimizer, rank, device))
     except (FileNotFoundError, ValueError, RuntimeError, KeyError, TypeError) as e:
         # RuntimeError/KeyError/TypeError: a readable file whose contents do not fit (load_state_dict)
         parser.error(f"--resume: {' '.join(str(e).split())}")
-    torch.set_rng_state(rng["cpu"])
-    if rng["cuda"] is not None and device_type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"])
     start_step = prev["step"]
-    if os.path.exists(metrics_path):  # drop metrics logged after the checkpoint: they will be redone
-        metrics = [m for m in map(json.loads, open(metrics_path)) if m["step"] <= start_step]
     moved = f" (written by {prev['world_size']} processes, now {world_size})" * (prev["world_size"] != world_size)
     log(f"resumed from step {start_step} in {out_dir}{moved}"
         + (" (already complete)" if start_step >= num_steps else ""))
@@ -336,27 +266,8 @@ elif complete_steps(out_dir):
     parser.error(f"--out-dir={out_dir} already holds checkpoints: pass --resume or pick another --out-dir")
 # every input is checked: only now join the other ranks and write anything
 if ddp:
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-if master:
-    os.makedirs(out_dir, exist_ok=True)
-    atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(meta, indent=2))
-    atomic_write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
-
-wandb_run = None
-if args.run and master:
-    import wandb  # only when asked for: never online unless the user sets WANDB_MODE=online
-
-    wandb_run = wandb.init(project="nanochat-mup", name=args.run, dir=out_dir, config=meta,
-                           mode=os.environ.get("WANDB_MODE", "offline"))
-
-
-def log_metrics(row):
-    metrics.append(row)
-    if master:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if wandb_run is not None:
-            wandb_run.log(row, step=row["step"])
+    dist_init(device)
+run_log = RunLog(out_dir, meta, master, start_step, args.run)
 
 
 def evaluate():
@@ -373,31 +284,17 @@ def sample():
     ok = True
     if master:
         model.eval()
-        for i, prompt in enumerate(("ROMEO:", "To be, or not to be", "The king")):
-            ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-            try:
-                with autocast:
-                    out = model.generate(ids, max_tokens=48, temperature=0.8, top_k=50, seed=args.seed + i)
-            except RuntimeError as e:  # torch.multinomial refuses nan/inf probabilities
-                if "probability tensor" not in str(e):
-                    raise
-                ok = False
-                break
-            log(f"  sample: {tokenizer.decode(ids[1:] + out)!r}")
+        with autocast:
+            texts = sample_texts(model, tokenizer, ("ROMEO:", "To be, or not to be", "The king"), args.seed)
         model.train()
+        ok = texts is not None
+        for text in texts or []:
+            log(f"  sample: {text!r}")
     if ddp:  # the other ranks must stop with rank 0
         flag = torch.tensor([float(ok)], device=device)
         dist.broadcast(flag, 0)
         ok = bool(flag.item())
     return ok
-
-
-def params_finite():
-    # max |w| per tensor in one fused op: finite iff every weight is (a norm could overflow on finite weights)
-    worst = torch.stack(torch._foreach_norm(list(model.parameters()), ord=math.inf)).max().reshape(1)
-    if ddp:  # every rank holds the same weights; agreeing explicitly keeps the ranks in lockstep regardless
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    return math.isfinite(worst.item())
 
 
 def stop(step, what):
@@ -414,18 +311,6 @@ def stop(step, what):
     sys.exit(3)
 
 
-def save(step):
-    save_rank_files(out_dir, step, rank, [train_loaders[s].state_dict() for s in owned],
-                    dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if device_type == "cuda" else None),
-                    optimizer.state_dict() if sharded else None)
-    if ddp:
-        dist.barrier()  # every rank's files are on disk before rank 0 marks the checkpoint complete
-    if master:
-        save_main_files(out_dir, step, model, None if sharded else optimizer.state_dict(), meta)
-    if ddp:
-        dist.barrier()
-
-
 # -----------------------------------------------------------------------------
 # training loop
 
@@ -440,7 +325,7 @@ for step in bar:
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * lr_mult(step)
     loss_sum = torch.zeros((), device=device)
-    xs, ys = next_rows()
+    xs, ys = batches.next()
     for k in range(grad_accum):
         x, y = xs[k * B:(k + 1) * B], ys[k * B:(k + 1) * B]
         with autocast:
@@ -449,10 +334,8 @@ for step in bar:
             loss = loss * float("nan")
         (loss / grad_accum).backward()
         loss_sum += loss.detach()
-    if ddp and not sharded:  # average gradients across ranks (what DDP does), one async all-reduce per parameter
-        works = [dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, async_op=True) for p in model.parameters()]
-        for w in works:
-            w.wait()
+    if ddp and not sharded:  # the replicated optimizer needs the averaged gradients (what DDP does)
+        average_gradients(model.parameters())
     # non-finite guard, decided jointly: any rank's nan/inf loss or local gradient makes the average non-finite
     grad_norms = torch.stack(torch._foreach_norm([p.grad for p in model.parameters()])).sum()  # no squares: no overflow
     health = torch.stack([loss_sum / grad_accum, grad_norms])
@@ -471,7 +354,7 @@ for step in bar:
     if step + 1 == args.debug_inject_nan_step and args.debug_inject_nan_into == "weights":
         with torch.no_grad():
             next(model.parameters()).view(-1)[0] = float("nan")
-    if not params_finite():  # a finite gradient can still overflow the update (a huge LR): the last step too
+    if not params_finite(model.parameters()):  # a finite gradient can still overflow the update (a huge LR)
         stop(step + 1, "non-finite parameters after the update")
     dt, t_last = time.time() - t_last, time.time()
     tok_per_s = total_batch / dt
@@ -487,44 +370,27 @@ for step in bar:
             stop(step + 1, f"non-finite val bpb {row['val_bpb']}")
         log(f"step {step + 1}: train loss {train_loss:.4f} | val bpb {row['val_bpb']:.4f}")
     bar.set_postfix(postfix)
-    log_metrics(row)
+    run_log.log(row)
     if last or (args.sample_every and (step + 1) % args.sample_every == 0):
         if not sample():
             stop(step + 1, "non-finite logits while sampling")
     if last or (args.save_every and (step + 1) % args.save_every == 0):
-        save(step + 1)
+        save_checkpoint(out_dir, step + 1, rank, model, optimizer, sharded, batches.state_dicts(), meta, device)
     t_last = time.time()  # eval, sampling and saving do not count against throughput
 bar.close()
-if ddp:  # every rank must hold the same weights: compare a checksum of all parameters
-    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
-    sums = [torch.zeros_like(checksum) for _ in range(world_size)]
-    dist.all_gather(sums, checksum)
-    if len({s.item() for s in sums}) != 1:
-        raise RuntimeError(f"ranks diverged: parameter checksums {[s.item() for s in sums]}")
-    log(f"all {world_size} ranks hold identical parameters (checksum {checksum.item():.10g})")
+if ddp:  # every rank must hold the same weights
+    checksum = replica_checksum(model.parameters(), world_size)
+    log(f"all {world_size} ranks hold identical parameters (checksum {checksum:.10g})")
 
 # -----------------------------------------------------------------------------
 # summary and plot
 
-if master and metrics:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5), dpi=80)
-    ax[0].plot([m["step"] for m in metrics], [m["train_loss"] for m in metrics])
-    ax[0].set(xlabel="step", ylabel="train loss (nats/token)", title=os.path.basename(out_dir))
-    evals = [m for m in metrics if "val_bpb" in m]
-    ax[1].plot([m["step"] for m in evals], [m["val_bpb"] for m in evals], marker="o")
-    ax[1].set(xlabel="step", ylabel="val bits per byte")
-    fig.tight_layout()
+if master and run_log.rows:
     plot_path = os.path.join(out_dir, "loss.png")
-    fig.savefig(plot_path)
-    final = metrics[-1]
+    plot_losses(run_log.rows, plot_path, os.path.basename(out_dir))
+    final = run_log.rows[-1]
     log(f"done: val bpb {final.get('val_bpb', float('nan')):.4f} | train loss {final['train_loss']:.4f} | "
         f"plot {plot_path}")
-if wandb_run is not None:
-    wandb_run.finish()
+run_log.finish()
 if ddp:
     dist.destroy_process_group()

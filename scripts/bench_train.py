@@ -16,14 +16,13 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import ArgParser, get_dist_info
-from nanochat.gpt import GPT, GPTConfig
-from nanochat.optim import DistMuonAdamW
+from nanochat.common import ArgParser, compute_setup, dist_init, get_dist_info
+from nanochat.gpt import GPTConfig, build_model
+from nanochat.optim import DistMuonAdamW, average_gradients
 
 parser = ArgParser(description="benchmark the training step")
 parser.add("--depth", type=int, default=4)
@@ -34,7 +33,7 @@ parser.add("--batch-size", type=int, default=8, help="sequences per process per 
 parser.add("--steps", type=int, default=20, help="timed steps (after warmup)")
 parser.add("--warmup", type=int, default=5)
 parser.add("--compile", action="store_true", help="torch.compile the model")
-parser.add("--device", default="auto", help="auto (cuda if available, else cpu), cuda or cpu")
+parser.add("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="auto: cuda > mps > cpu")
 parser.add("--nproc", type=int, default=0, help="launch 1 and N processes (torchrun) and print a table")
 parser.add("--sharding", default="on", choices=["on", "off"], help="under torchrun: ZeRO-2 optimizer or all-reduce")
 args = parser.parse_args()
@@ -76,25 +75,22 @@ if args.nproc:
 # one process (or one rank): time the training step
 
 ddp, rank, local_rank, world_size = get_dist_info()
-device_type = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-device = torch.device(f"cuda:{local_rank}" if device_type == "cuda" else "cpu")
-if device_type == "cuda":
-    torch.cuda.set_device(device)
+try:
+    device, _, autocast = compute_setup(args.device)  # as base_train: bf16 autocast on CUDA, fp32 elsewhere
+except ValueError as e:
+    parser.error(str(e))
+device_type = device.type
 if ddp:
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    dist_init(device)
 sharded = ddp and world_size > 1 and args.sharding == "on"
 torch.manual_seed(0)
 config = GPTConfig(sequence_len=args.sequence_len, vocab_size=args.vocab_size, n_layer=args.depth,
                    n_head=max(1, args.n_embd // 64), n_kv_head=max(1, args.n_embd // 64), n_embd=args.n_embd)
-with torch.device("meta"):
-    model = GPT(config)
-model.to_empty(device=device)
-model.init_weights()
+model = build_model(config, device)
 optimizer = model.setup_optimizer()
 if sharded:
     optimizer = DistMuonAdamW(optimizer.param_groups, rank, world_size)
 train_model = torch.compile(model, dynamic=False) if args.compile else model
-autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
 B, T = args.batch_size, args.sequence_len
 x = torch.randint(0, args.vocab_size, (B, T + 1), device=device)
 
@@ -114,8 +110,7 @@ for i in range(args.warmup + args.steps):
     sync()
     t1 = time.perf_counter()
     if ddp and not sharded:
-        for w in [dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, async_op=True) for p in model.parameters()]:
-            w.wait()
+        average_gradients(model.parameters())
     optimizer.step()
     model.zero_grad(set_to_none=True)
     sync()

@@ -1,49 +1,54 @@
 """
-Depth LR transfer report over the run directories of scripts/depth_sweep.sh: final val bits-per-byte per
-(setup, depth rule, depth, log2 LR multiplier, seed), the fitted optimum per depth (parabola through the best
-grid point and its neighbours, on the seed-mean; per seed for the error), its spread over depths, and a plot.
+Depth LR transfer report of scripts/sweep.sh directories with a depth-rule axis (--alphas): final val bits per byte
+per (setup, depth rule, depth, log2 multiplier, seed), the fitted optimum per depth (parabola through the best grid
+point and its neighbours, on the seed-mean; per seed for the error), its spread over depths, and a plot.
 
-    python scripts/depth_sweep_report.py runs/depth_sweep --out dev/depth_transfer
+    bash scripts/sweep.sh --hp matrix_lr --out runs/depth_sweep_muon --modes mup --widths 128 --depths "2 4 8" \
+        --alphas "0 1" --mults "-2 -1 0 1 2" --seeds 0 -- --matrix-optimizer muon --head-dim 32 ...
+    python scripts/depth_sweep_report.py runs/depth_sweep_muon runs/depth_sweep_adamw --out dev/depth_transfer
 """
 
 import datetime
-import glob
 import json
 import os
 import statistics
 
 from nanochat.common import ArgParser
-from nanochat.transfer import fit_optimum
 
 parser = ArgParser(description="depth LR transfer report")
-parser.add("root", path="dir", fix="run scripts/depth_sweep.sh first")
+parser.add("dirs", nargs="+", help="sweep directories written by scripts/sweep.sh with --alphas")
 parser.add("--out", default="dev/depth_transfer", help="writes OUT.json, OUT.md and OUT.png")
 args = parser.parse_args()
+for d in args.dirs:
+    if not os.path.isfile(os.path.join(d, "sweep.json")):
+        parser.error(f"{d}: no sweep.json: pass a directory written by scripts/sweep.sh --alphas ...")
+
+from nanochat.transfer import fit_optimum, read_runs  # noqa: E402
 
 
-def load(root):
-    """{(setup, rule, depth, mult, seed): final val_bpb}; the shared base-depth runs count for both rules."""
+def rule_name(alpha):
+    return "none" if alpha == 0 else "completep" if alpha == 1 else f"alpha={alpha:g}"
+
+
+def load(dirs):
+    """{(setup, rule, depth, x, seed): final val_bpb} over every finished point, and one settings line per setup."""
     res, settings = {}, set()
-    for path in glob.glob(os.path.join(root, "*", "*", "d*", "m*", "s*", "metrics.jsonl")):
-        setup, rule, d, m, s = path.split(os.sep)[-6:-1]
-        last = json.loads(open(path).read().splitlines()[-1])
-        a = json.load(open(os.path.join(os.path.dirname(path), "config.json")))["args"]
-        if last.get("step") == a["num_iterations"] and "val_bpb" in last:
-            res[setup, rule, int(d[1:]), float(m[1:]), int(s[1:])] = last["val_bpb"]
-            settings.add(f"{setup}: width {a['n_embd']}, {a['num_iterations']} steps of {a['device_batch_size']} x "
-                         f"{a['sequence_len']} tokens, base matrix LR {a['matrix_lr'] / 2 ** float(m[1:]):g}")
-    depths = {}
-    for setup, _, d, *_ in res:
-        depths.setdefault(setup, set()).add(d)
-    for (setup, _, d, m, s), v in list(res.items()):
-        if d == min(depths[setup]):  # base depth: every depth factor is 1, the runs are the same
-            res.setdefault((setup, "completep", d, m, s), v)
+    for d in dirs:
+        meta, rows = read_runs(d)
+        if "alphas" not in meta:
+            parser.error(f"{d}: a sweep without --alphas: report it with scripts/transfer_report.py")
+        for r in rows:
+            a = json.load(open(os.path.join(r["run"], "config.json")))["args"]
+            res[a["matrix_optimizer"], rule_name(r["alpha"]), r["depth"], r["x"], r["seed"]] = r["val_bpb"]
+            settings.add(f"{a['matrix_optimizer']}: width {r['width']}, {a['num_iterations']} steps of "
+                         f"{a['device_batch_size']} x {a['sequence_len']} tokens, base {meta['hp']} "
+                         f"{', '.join(f'{v:g}' for v in meta['base'].values())}")
     return res, sorted(settings)
 
 
-res, settings = load(args.root)
+res, settings = load(args.dirs)
 if not res:
-    parser.error(f"root={args.root}: no finished runs under it")
+    parser.error(f"{args.dirs[0]}: no finished runs yet: run scripts/sweep.sh first")
 rows, curves = [], {}
 for setup, rule, d in sorted({k[:3] for k in res}):
     mults = sorted({k[3] for k in res if k[:3] == (setup, rule, d)})
@@ -51,15 +56,13 @@ for setup, rule, d in sorted({k[:3] for k in res}):
     full = [s for s in seeds if all((setup, rule, d, m, s) in res for m in mults)]
     mean = [statistics.mean(res[setup, rule, d, m, s] for s in full) for m in mults]
     opt = fit_optimum(mults, mean)
-    edge = opt in (mults[0], mults[-1])
     per_seed = [fit_optimum(mults, [res[setup, rule, d, m, s] for m in mults]) for s in full]
     rows.append(dict(setup=setup, rule=rule, depth=d, seeds=len(full), mults=mults, mean_bpb=mean, opt=opt,
-                     opt_at_edge=edge, opt_seed_sd=statistics.stdev(per_seed) if len(per_seed) > 1 else None,
-                     best_bpb=min(mean)))
+                     opt_at_edge=opt in (mults[0], mults[-1]),
+                     opt_seed_sd=statistics.stdev(per_seed) if len(per_seed) > 1 else None, best_bpb=min(mean)))
     curves[setup, rule, d] = (mults, mean)
-lines = [f"Depth LR transfer, {datetime.date.today()}: {len(res)} (setup, rule, depth, LR, seed) results (base-depth "
-         f"runs count for both rules) from `python scripts/depth_sweep_report.py {args.root} --out {args.out}` (CPU). "
-         + "; ".join(settings) + ".",
+lines = [f"Depth LR transfer, {datetime.date.today()}: {len(res)} (setup, rule, depth, LR, seed) results from "
+         f"`python scripts/depth_sweep_report.py {' '.join(args.dirs)} --out {args.out}`. " + "; ".join(settings) + ".",
          "", "| setup | depth rule | depth | seeds | fitted optimum (log2 x base LR) | seed sd | best val bpb |",
          "|---|---|---|---|---|---|---|"]
 for r in rows:
@@ -93,10 +96,11 @@ for ax, (setup, rule) in zip(axes[0], panels):
         line, = ax.plot(xs, ys, marker="o", lw=1, label=f"depth {d}")
         opt = next(r["opt"] for r in rows if (r["setup"], r["rule"], r["depth"]) == (setup, rule, d))
         ax.axvline(opt, color=line.get_color(), ls=":", lw=0.8)
-    ax.set_title(f"{setup}, {'CompleteP alpha=1' if rule == 'completep' else 'no depth rule'}", fontsize=9)
-    ax.set_xlabel("log2 matrix LR multiplier", fontsize=8)
+    ax.set_title(f"{setup}, {'no depth rule' if rule == 'none' else rule.replace('completep', 'CompleteP alpha=1')}",
+                 fontsize=9)
+    ax.set_xlabel("log2 LR multiplier", fontsize=8)
     ax.legend(fontsize=7)
 axes[0][0].set_ylabel("final val bits per byte", fontsize=8)
-fig.suptitle("depth LR transfer, width 128 (dotted: fitted optimum)", fontsize=9)
+fig.suptitle("depth LR transfer (dotted: fitted optimum)", fontsize=9)
 fig.tight_layout()
 fig.savefig(args.out + ".png", dpi=90)

@@ -62,9 +62,10 @@ if bad := set(args.setups.split(",")) - {"muon", "adamw"}:
     parser.error(f"--setups={args.setups}: {sorted(bad)[0]!r} is not a setup: pass muon, adamw or muon,adamw")
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-from nanochat.coord_check import (  # noqa: E402  (imports torch)
-    build_model,
+from nanochat.coord_check import (  # noqa: E402
+    coord_config,
     deviation,
     fit_slopes,
     muon_step_spectral,
@@ -74,11 +75,12 @@ from nanochat.coord_check import (  # noqa: E402  (imports torch)
     shape_slopes,
     slope_table,
 )
+from nanochat.gpt import build_model  # noqa: E402
 
 base_width = args.base_width or min(args.widths)
 model_kw = dict(head_dim=args.head_dim, n_head=args.n_head, n_kv_head=args.n_kv_head, depth=args.depth)
 try:  # refuse, with one line, a target the parametrization does not cover (or an invalid base)
-    build_model(base_width, True, base_width, base_depth=args.base_depth, device="meta", **model_kw)
+    coord_config(base_width, True, base_width, base_depth=args.base_depth, **model_kw)
 except ValueError as e:
     parser.exit(2, f"{parser.prog}: error: {e}\n")
 
@@ -87,7 +89,8 @@ except ValueError as e:
 
 spec, fan_ratio = {}, {}
 for width in args.widths:
-    model = build_model(width, True, base_width, **model_kw)
+    torch.manual_seed(0)
+    model = build_model(coord_config(width, True, base_width, **model_kw))
     for name, s in model.param_shapes().items():
         if s["role"] == "matrix":
             fan_ratio.setdefault(param_kind(name, "matrix"), {})[width] = s["fan_out"] / s["fan_in"]

@@ -22,20 +22,16 @@ parser.add("--temperature", type=float, default=0.8, min=0, help="0 = greedy")
 parser.add("--top-k", type=int, default=50, min=0, help="sample among the k most likely tokens (0 = all)")
 parser.add("--num-samples", type=int, default=1, min=1)
 parser.add("--seed", type=int, default=42, min=0, max=2**63 - 1)
-parser.add("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="auto: cuda if visible, else cpu")
+parser.add("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="auto: cuda > mps > cpu")
 args = parser.parse_args()
 
-import torch  # noqa: E402  (the options are checked first: a bad one fails fast)
-
-from nanochat.checkpoint import load_model  # noqa: E402
+from nanochat.checkpoint import load_model  # noqa: E402  (the options are checked first: a bad one fails fast)
+from nanochat.common import compute_setup  # noqa: E402
+from nanochat.engine import generate  # noqa: E402
 from nanochat.tokenizer import Tokenizer  # noqa: E402
 
-device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-if device == "cuda" and not torch.cuda.is_available():
-    parser.error("--device=cuda but no CUDA GPU is visible: use --device cpu")
-if device == "mps" and not torch.backends.mps.is_available():
-    parser.error("--device=mps but MPS is not available: use --device cpu")
 try:
+    device, _, _ = compute_setup(args.device, "float32")
     model, meta = load_model(args.run, device, args.step)
     tokenizer = Tokenizer.load(meta["tokenizer_dir"])
 except (FileNotFoundError, ValueError) as e:
@@ -55,7 +51,7 @@ model.eval()
 ids = tokenizer.encode(args.prompt, prepend=tokenizer.get_bos_token_id())
 for i in range(args.num_samples):
     try:
-        out = model.generate(ids, args.max_tokens, args.temperature, args.top_k or None, seed=args.seed + i)
+        out = generate(model, ids, args.max_tokens, args.temperature, args.top_k or None, seed=args.seed + i)
     except RuntimeError as e:  # torch.multinomial refuses nan/inf probabilities
         if "probability tensor" not in str(e):
             raise

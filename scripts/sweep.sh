@@ -14,6 +14,10 @@
 # --seeds      --seed per point                                   --modes   "sp mup" (output/attn_mult: mup)
 # --base-width muP base width (default: the first width)           --depths  --depth per point (default "4")
 # --base-depth passed as --mup-base-depth under muP (default: none, i.e. each point's own depth)
+# --alphas     depth-rule axis (muP only): per alpha, 0 = no depth rule (each point is its own base depth), > 0 =
+#              --mup-base-depth (--base-depth, default the first depth) and --depth-alpha ALPHA (1 CompleteP, 0.5
+#              Depth-muP). Run directories get a suffix _a<alpha>, point.json an "alpha"; report with
+#              python scripts/depth_sweep_report.py OUT
 # --shard i/N  this process runs jobs j with j % N == i (or SHARD=i/N): N processes, or one GPU each
 # --keep-checkpoints   keep each run's final checkpoint (default: deleted once the run is DONE)
 # after --     base_train options for every point (data, tokenizer, steps, batch, optimizer, ...)
@@ -26,7 +30,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PY=${PYTHON:-python}
 LAUNCH=${LAUNCH:-$PY}
-HP="" OUT="" WIDTHS="64 128 256" MULTS="-2 -1 0 1 2" SEEDS="0 1 2" MODES="sp mup" DEPTHS="4" BASE="" BDEPTH=""
+HP="" OUT="" WIDTHS="64 128 256" MULTS="-2 -1 0 1 2" SEEDS="0 1 2" MODES="sp mup" DEPTHS="4" BASE="" BDEPTH="" ALPHAS=""
 SHARD=${SHARD:-0/1} KEEP=0
 die() { echo "sweep.sh: $1" >&2; exit 2; }
 while [[ $# -gt 0 ]]; do
@@ -38,7 +42,7 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         --hp) HP="$2" ;; --out) OUT="$2" ;; --widths) WIDTHS="$2" ;; --mults) MULTS="$2" ;; --seeds) SEEDS="$2" ;;
         --modes) MODES="$2" ;; --depths) DEPTHS="$2" ;; --base-width) BASE="$2" ;; --base-depth) BDEPTH="$2" ;;
-        --shard) SHARD="$2" ;;
+        --shard) SHARD="$2" ;; --alphas) ALPHAS="$2" ;;
         *) die "unknown argument $1: pass sweep options, then -- and base_train options" ;;
     esac
     shift 2
@@ -53,15 +57,17 @@ ints() { [[ -n "$2" ]] || die "$1 is empty"; for v in $2; do [[ "$v" =~ ^[0-9]+$
     die "$1 \"$2\": $v is not an integer >= $3"; done; }
 ints --widths "$WIDTHS" 2; ints --seeds "$SEEDS" 0; ints --depths "$DEPTHS" 1
 BASE=${BASE:-${WIDTHS%% *}}
+[[ -z "$ALPHAS" ]] || BDEPTH=${BDEPTH:-${DEPTHS%% *}}
 ints --base-width "$BASE" 2; [[ -z "$BDEPTH" ]] || ints --base-depth "$BDEPTH" 1
 [[ -n "$MULTS" ]] || die "--mults is empty"
 for v in $MULTS; do [[ "$v" =~ ^-?[0-9]+(\.[0-9]+)?$ ]] || die "--mults \"$MULTS\": $v is not a number like -1 or 0.5"; done
+for v in $ALPHAS; do [[ "$v" =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "--alphas \"$ALPHAS\": $v is not a number like 0 or 0.5"; done
 [[ -n "$MODES" ]] || die "--modes is empty"
 for m in $MODES; do [[ "$m" == sp || "$m" == mup ]] || die "--modes \"$MODES\": $m is not sp or mup"; done
 cd "$ROOT"
 # the swept options per multiplier (checks the hyperparameter, the base options and an existing OUT/sweep.json)
 PLAN=$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" $PY -m nanochat.transfer plan "$OUT" "$HP" "$MULTS" "$MODES" \
-    "$WIDTHS $BASE" -- "$@") || exit 2
+    "$WIDTHS $BASE" "$ALPHAS" -- "$@") || exit 2
 declare -A SWEPT
 while IFS=$'\t' read -r x args; do SWEPT[$x]=$args; done <<< "$PLAN"
 XS=$(cut -f1 <<< "$PLAN")
@@ -69,25 +75,31 @@ XS=$(cut -f1 <<< "$PLAN")
 # seeds outermost: an interrupted sweep still has complete curves for the first seeds
 JOBS=()
 j=0
-for seed in $SEEDS; do for depth in $DEPTHS; do for width in $WIDTHS; do for mode in $MODES; do for x in $XS; do
-    (( j % SN == SI )) && JOBS+=("$seed $depth $width $mode $x")
+for seed in $SEEDS; do for depth in $DEPTHS; do for width in $WIDTHS; do for mode in $MODES; do
+for alpha in ${ALPHAS:--}; do for x in $XS; do  # alpha "-": no depth-rule axis
+    (( j % SN == SI )) && JOBS+=("$seed $depth $width $mode $x $alpha")
     j=$((j + 1))
-done; done; done; done; done
+done; done; done; done; done; done
 n=${#JOBS[@]} k=0 ran=0 spent=0
 echo "sweep $HP: $j points, $n in shard $SHARD -> $OUT"
 for job in "${JOBS[@]}"; do
-    read -r seed depth width mode x <<< "$job"
+    read -r seed depth width mode x alpha <<< "$job"
     k=$((k + 1))
     run="$OUT/${mode}_d${depth}_w${width}_x${x}_s${seed}"
+    depth_rule=(${BDEPTH:+--mup-base-depth "$BDEPTH"}) point_alpha=""
+    if [[ "$alpha" != - ]]; then
+        run+="_a$alpha" point_alpha=", \"alpha\": $alpha" depth_rule=()
+        [[ "$alpha" == 0 ]] || depth_rule=(--mup-base-depth "$BDEPTH" --depth-alpha "$alpha")
+    fi
     if [[ -f "$run/DONE" ]]; then
         echo "[$k/$n] $run: done ($(cat "$run/DONE")), skipped"; continue
     fi
     rm -rf "$run"  # a killed run: its partial files would mislead the reader and base_train's --out-dir check
     mkdir -p "$run"
-    printf '{"mode": "%s", "depth": %d, "width": %d, "x": %s, "seed": %d}\n' "$mode" "$depth" "$width" "$x" "$seed" \
-        > "$run/point.json"
+    printf '{"mode": "%s", "depth": %d, "width": %d, "x": %s, "seed": %d%s}\n' "$mode" "$depth" "$width" "$x" "$seed" \
+        "$point_alpha" > "$run/point.json"
     mup=()
-    [[ "$mode" == mup ]] && mup=(--mup-base-width "$BASE" ${BDEPTH:+--mup-base-depth "$BDEPTH"})
+    [[ "$mode" == mup ]] && mup=(--mup-base-width "$BASE" "${depth_rule[@]}")
     t0=$(date +%s)
     rc=0
     # shellcheck disable=SC2086  # LAUNCH and the planned options are word lists

@@ -75,6 +75,8 @@ def plot(meta, summary, path):
 lines, report, recs, widest = [], {}, [], 0
 for d in args.dirs:
     meta, rows = read_runs(d)
+    if "alphas" in meta:  # optima over depth, not width
+        parser.error(f"{d}: a sweep with a depth-rule axis (--alphas): report it with scripts/depth_sweep_report.py")
     if not rows:
         parser.error(f"{d}: no finished runs yet: run scripts/sweep.sh first")
     summary = summarize(rows, args.metric, args.n_boot)

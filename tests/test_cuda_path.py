@@ -7,8 +7,7 @@ import pytest
 import torch
 from conftest import DEVICE
 
-from nanochat.checkpoint import build_model
-from nanochat.gpt import GPTConfig
+from nanochat.gpt import GPTConfig, build_model
 
 # GQA 4:2, a sliding-window layer then a full one, muP (logit multiplier 1/2), softcap, head_dim 32
 CFG = dict(sequence_len=40, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=128, window_pattern="SL",

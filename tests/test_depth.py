@@ -8,16 +8,14 @@ import pytest
 import torch
 
 from nanochat.depth_check import run_depth_check, slopes
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig, build_model
 
 SMALL = dict(n_embd=64, n_head=2, n_kv_head=2, vocab_size=256, sequence_len=32, mup_base_width=64)
 
 
 def model(**kw):
     torch.manual_seed(0)
-    m = GPT(GPTConfig(**{**SMALL, **kw}))
-    m.init_weights()
-    return m
+    return build_model(GPTConfig(**{**SMALL, **kw}))
 
 
 KW = dict(weight_decay=0.1, adam_eps=1e-8)

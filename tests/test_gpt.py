@@ -9,19 +9,17 @@ import torch.nn as nn
 from conftest import DEVICE
 
 import nanochat.gpt as gpt_module
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.config import OptimConfig
+from nanochat.engine import KVCache, generate
+from nanochat.gpt import GPTConfig, build_model
 from nanochat.optim import orthogonalize
 
 
 def build(device="cpu", **kw):
     cfg = dict(sequence_len=32, vocab_size=97, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
     cfg.update(kw)
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**cfg))
-    model.to_empty(device=device)
     torch.manual_seed(0)
-    model.init_weights()
-    return model
+    return build_model(GPTConfig(**cfg), device)
 
 
 def batch(B=2, T=16, V=97, seed=0, device="cpu"):
@@ -35,7 +33,7 @@ def batch(B=2, T=16, V=97, seed=0, device="cpu"):
 
 def test_meta_build_and_init_follow_the_role_table():
     model = build(n_embd=128, n_head=2, mup_base_width=32, mup_base_head_dim=16)
-    for row in model.mup_table():
+    for row in model.param_rules():
         p = model.get_parameter(row["name"])
         assert p.device.type == "cpu" and torch.isfinite(p).all()
         if row["init_std"] == 0.0 or p.ndim == 1:
@@ -125,12 +123,27 @@ def group_of(opt, name):
     return hits[0]
 
 
+def test_optim_config_defaults_and_keyword_overrides():
+    model = build(n_embd=64, n_head=2)
+    cq = "transformer.h.0.attn.c_q.weight"
+
+    def lrs(*a, **kw):
+        return {r["name"]: r["lr"] for r in model.param_rules(*a, **kw)}
+
+    assert lrs()[cq] == 0.02 and lrs(matrix_optimizer="adamw")[cq] == 0.003  # nanochat's defaults (SP: r_in = 1)
+    assert lrs(OptimConfig(), matrix_optimizer="adamw")[cq] == 0.003  # the default follows a replaced optimizer
+    assert model.param_rules(matrix_lr=0.01, weight_decay=0.1) == model.param_rules(
+        OptimConfig(matrix_lr=0.01, weight_decay=0.1))
+    with pytest.raises(ValueError, match="matrix_optimizer='sgd'"):
+        model.param_rules(matrix_optimizer="sgd")
+
+
 @pytest.mark.parametrize("matrix_optimizer", ["muon", "adamw"])
 @pytest.mark.parametrize("base", [0, 32])
 def test_table_matches_optimizer_groups(matrix_optimizer, base):
     model = build(n_embd=128, n_head=2, mup_base_width=base, mup_base_head_dim=16 if base else 0)
     kw = dict(matrix_lr=0.01, weight_decay=0.1, matrix_optimizer=matrix_optimizer)
-    rows = model.mup_table(**kw)
+    rows = model.param_rules(**kw)
     opt = model.setup_optimizer(**kw)
     assert sorted(r["name"] for r in rows) == sorted(n for n, _ in model.named_parameters())
     assert sum(len(g["params"]) for g in opt.param_groups) == len(rows)
@@ -355,7 +368,7 @@ def test_kv_cache_forward_matches_full_forward():
     ids = torch.randint(0, 97, (2, 27), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     with torch.no_grad():
         full = model(ids)
-        cache = gpt_module.KVCache(model.config.n_layer, model.config.sequence_len)
+        cache = KVCache(model.config.n_layer, model.config.sequence_len)
         steps = [model(ids[:, :9], kv_cache=cache)] + [model(ids[:, t:t + 1], kv_cache=cache) for t in range(9, 27)]
         assert cache.pos == 27
         torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
@@ -370,7 +383,7 @@ def test_kv_cache_greedy_generation_matches_no_cache(prompt_len):
     prompt = torch.randint(0, 97, (prompt_len,), generator=torch.Generator().manual_seed(prompt_len)).tolist()
     lengths = []
     model.transformer.wte.register_forward_pre_hook(lambda mod, args: lengths.append(args[0].size(1)))
-    cached = model.generate(prompt, 12, temperature=0)
+    cached = generate(model, prompt, 12, temperature=0)
     assert lengths == [min(prompt_len + i, 32) if i == 0 or prompt_len + i > 32 else 1 for i in range(12)]
-    assert cached == model.generate(prompt, 12, temperature=0, use_cache=False)
+    assert cached == generate(model, prompt, 12, temperature=0, use_cache=False)
     assert len(set(cached)) > 3  # a real continuation, not one repeated token

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from nanochat.coord_check import build_model, muon_step_spectral, param_kind
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.coord_check import coord_config, muon_step_spectral, param_kind
+from nanochat.gpt import GPTConfig, build_model
+from nanochat.report import print_role_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CK, CV, CQ = "transformer.h.0.attn.c_k.weight", "transformer.h.0.attn.c_v.weight", "transformer.h.0.attn.c_q.weight"
@@ -24,8 +25,7 @@ FC, EMB, HEAD = "transformer.h.0.mlp.c_fc.weight", "transformer.wte.weight", "lm
 def gpt(**kw):
     cfg = dict(sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=64)
     cfg.update(kw)
-    with torch.device("meta"):
-        return GPT(GPTConfig(**cfg))
+    return build_model(GPTConfig(**cfg), "meta")
 
 
 def rules(model, **kw):
@@ -75,7 +75,8 @@ def test_unclassifiable_parameter_raises():
 
 
 def test_role_table_prints_class_and_base(capsys):
-    gpt(n_embd=128, n_head=4, n_kv_head=1, mup_base_width=64).mup_table(print_table=True)
+    model = gpt(n_embd=128, n_head=4, n_kv_head=1, mup_base_width=64)
+    print_role_table(model, model.param_rules())
     out = capsys.readouterr().out
     assert "base: width 64, head_dim 32, 2 heads, 1 kv heads, 1 layers; m=2" in out
     line = next(ln for ln in out.splitlines() if ln.startswith(CK))
@@ -102,10 +103,15 @@ def test_mup_equals_sp_at_the_base_width_for_any_head_dim(head_dim, kv):
                     assert a[name].get(key) == b[name].get(key), (name, key)
 
 
+def coord_model(*args, **kw):
+    torch.manual_seed(0)
+    return build_model(coord_config(*args, **kw))
+
+
 def test_sp_and_mup_forward_identical_at_base_width_any_head_dim():
     for head_dim in (16, 32):
-        sp = build_model(64, False, head_dim=head_dim, depth=1, seq_len=16, n_kv_head=1)
-        mup = build_model(64, True, base_width=64, head_dim=head_dim, depth=1, seq_len=16, n_kv_head=1)
+        sp = coord_model(64, False, head_dim=head_dim, depth=1, seq_len=16, n_kv_head=1)
+        mup = coord_model(64, True, base_width=64, head_dim=head_dim, depth=1, seq_len=16, n_kv_head=1)
         mup.load_state_dict(sp.state_dict())
         for m in (sp, mup):
             torch.nn.init.normal_(m.lm_head.weight, std=0.5, generator=torch.Generator().manual_seed(0))
@@ -147,7 +153,7 @@ def test_embedding_gradient_shrinks_like_one_over_width():
     # the reason for the embedding's eps/m, measured: after one muP step (it moves only the zero-init readout)
     norms = []
     for width in (64, 256):
-        model = build_model(width, True, base_width=64, depth=1, seq_len=16)
+        model = coord_model(width, True, base_width=64, depth=1, seq_len=16)
         opt = model.setup_optimizer()
         g = torch.Generator().manual_seed(1)
         x, y = (torch.randint(0, 256, (4, 16), generator=g) for _ in range(2))
@@ -169,7 +175,7 @@ def test_weight_decay_per_step_is_width_independent(opt_name):
     # a zero gradient leaves only the decay: each parameter shrinks by 1 - lr*wd, which must not depend on width
     factors = []
     for width in (64, 256):
-        model = build_model(width, True, base_width=64, depth=1, seq_len=16, n_kv_head=1)
+        model = coord_model(width, True, base_width=64, depth=1, seq_len=16, n_kv_head=1)
         opt = model.setup_optimizer(matrix_optimizer=opt_name, weight_decay=0.5)
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
@@ -186,7 +192,7 @@ def muon_spectral_slopes(widths=(64, 128, 256, 512), square_rule=False):
     slope of sqrt(fan_out/fan_in). `square_rule` puts back the old max(1, fo/fi)^0.5 at the model's own shape."""
     got, want = {}, {}
     for width in widths:
-        model = build_model(width, True, base_width=64, depth=1, seq_len=16, n_kv_head=1)
+        model = coord_model(width, True, base_width=64, depth=1, seq_len=16, n_kv_head=1)
         opt = model.setup_optimizer()
         if square_rule:
             for g in opt.param_groups:

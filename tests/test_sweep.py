@@ -151,6 +151,28 @@ def test_payoff_runs_the_three_arms_with_their_tuned_values(swept, tmp_path):
     assert bad.returncode == 2 and "--seeds" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
+def test_depth_rule_axis_runs_each_alpha_and_the_depth_report_reads_it(corpus, tmp_path):
+    # --alphas "0 1" at depth 2: no depth rule (depth 2 is its own base) and CompleteP from base depth 1; 2 runs
+    out = tmp_path / "depth"
+    args = sweep_args(corpus, out, widths="16", mults="0", depths="2", alphas="0 1", modes="mup", **{"base-depth": "1"})
+    r = subprocess.run(SWEEP + args, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for alpha in (0, 1):
+        run = out / f"mup_d2_w16_x0_s0_a{alpha}"
+        point, cfg = json.load(open(run / "point.json")), json.load(open(run / "config.json"))["model_config"]
+        assert point["alpha"] == alpha and (run / "DONE").read_text().strip() == "ok"
+        assert (cfg["depth_alpha"], cfg["mup_base_n_layer"]) == ((1.0, 1) if alpha else (0.0, 2))
+    rep = tmp_path / "rep"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "depth_sweep_report.py"), str(out), "--out",
+                        str(rep)], env=env(PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert sum(line.startswith("| muon | ") for line in open(f"{rep}.md")) == 2  # 2 rules x 1 depth
+    assert set(json.load(open(f"{rep}.json"))["spread"]) == {"muon/none", "muon/completep"}
+    r = subprocess.run(SWEEP + sweep_args(corpus, tmp_path / "bad", alphas="0 1"), env=env(), capture_output=True,
+                       text=True, timeout=60)  # sp and mup: a depth rule needs muP
+    assert r.returncode == 2 and "pass --modes mup" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_fit_recovers_a_known_optimum_drift_and_its_interval():
     # loss = (x - x*(w))^2 + seed noise, with x*(w) = 0.5 * log2(w / 64): slope 0.5; a diverged point counts as +inf
     assert fit_optimum([-1, 0, 1, 2], [2.25, 0.25, 0.25, 2.25]) == pytest.approx(0.5)
@@ -175,8 +197,7 @@ def test_fit_recovers_a_known_optimum_drift_and_its_interval():
 def test_init_scale_multiplies_every_init_std_but_the_scalars(mup):
     import torch
 
-    from nanochat.checkpoint import build_model
-    from nanochat.gpt import GPTConfig
+    from nanochat.gpt import GPTConfig, build_model
 
     models = []
     for scale in (1.0, 2.5):

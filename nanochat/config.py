@@ -1,0 +1,189 @@
+"""
+The two configs, torch-free so scripts can build and check them before importing torch:
+
+- GPTConfig: the model (the only model config), with the muP / depth base it was tuned at and the forward
+  multipliers that follow from it (attention scale, logit multiplier, residual branch multiplier). The
+  per-parameter muP rules (init, LR, eps, weight decay, Muon update scale) are in gpt.py's rules section.
+- OptimConfig: the optimizer hyperparameters and their defaults, the one home for them. GPT.param_rules turns them
+  into per-parameter values (muP: they are the values at the base shape, tuned on the proxy); base_train takes
+  its option defaults and help from here, the sweep planner (transfer.py) its base values. The defaults are
+  nanochat's: Muon 0.02 on hidden matrices (AdamW 0.003 in the all-AdamW setup), AdamW elsewhere.
+"""
+
+import math
+from dataclasses import dataclass, field, replace
+
+MATRIX_LR = {"muon": 0.02, "adamw": 0.003}  # hidden-matrix LR by optimizer
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer hyperparameters at the base shape (GPT.param_rules derives every parameter's values from them)."""
+
+    matrix_optimizer: str = field(default="muon", metadata=dict(help="optimizer for hidden matrices"))
+    matrix_lr: float = field(default=None, metadata=dict(
+        help=f"hidden-matrix LR (default: muon {MATRIX_LR['muon']}, adamw {MATRIX_LR['adamw']})"))
+    embedding_lr: float = field(default=0.2, metadata=dict(help="AdamW LR of the token embedding (the Muon setup "
+                                                                "scales it by (width / 768)^-0.5; muP: base width)"))
+    unembedding_lr: float = field(default=0.004, metadata=dict(help="AdamW LR of lm_head (scaled as the embedding's)"))
+    scalar_lr: float = field(default=0.5, metadata=dict(help="AdamW LR of x0_lambdas (resid_lambdas: 0.01 x it)"))
+    weight_decay: float = field(default=0.0, metadata=dict(help="decoupled weight decay of matrices and lm_head"))
+    adam_betas: tuple = (0.8, 0.95)
+    adam_eps: float = 1e-10
+    muon_momentum: float = 0.95
+
+    def __post_init__(self):
+        if self.matrix_optimizer not in MATRIX_LR:
+            raise ValueError(f"matrix_optimizer={self.matrix_optimizer!r}: choose 'muon' or 'adamw'")
+        self.adam_betas = tuple(self.adam_betas)
+
+    def hidden_lr(self):
+        """matrix_lr, or when None the default of matrix_optimizer (kept None in the config, so that replacing the
+        optimizer also replaces its default LR)."""
+        return MATRIX_LR[self.matrix_optimizer] if self.matrix_lr is None else self.matrix_lr
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 256
+    vocab_size: int = 4096
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 4
+    n_embd: int = 256
+    window_pattern: str = "L"  # L = full causal, S = sequence_len // 2 past tokens; tiled, last layer L
+    softcap: float = 15.0  # tanh logit cap; 0 disables it
+    mup_base_width: int = 0  # 0 = SP; b > 0 = muP with width multiplier n_embd / b
+    # the rest of the muP base (the model the hyperparameters were tuned at); 0 = resolved in __post_init__
+    mup_base_head_dim: int = 0  # 0 = this head_dim (width grows through heads)
+    mup_base_n_kv_head: int = 0  # 0 = n_head of the base if this model is MHA, else this kv-head count (fixed)
+    mup_base_n_layer: int = 0  # 0 = n_layer; must equal n_layer unless depth_alpha > 0
+    depth_alpha: float = 0.0  # depth rule: 0 = none (depth changes refused), 1 = CompleteP, 0.5 = Depth-muP
+    attn_mult: float = 0.0  # muP attention logit scale is attn_mult / head_dim; 0 = sqrt(base head_dim)
+    output_mult: float = 1.0  # muP logits are multiplied by output_mult / m
+    init_scale: float = 1.0  # multiplies every init std (matrices, embedding, readout): a tunable base HP
+    attn_impl: str = "auto"  # auto (Triton on CUDA, else SDPA), triton (kernels/attention.py), sdpa
+    head_impl: str = "auto"  # auto (Triton on CUDA, else chunked), triton, chunked (kernels/head.py), eager
+
+    def __post_init__(self):
+        for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GPTConfig.{name}={value!r}: must be a positive integer")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"GPTConfig.n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        if self.head_dim % 2:
+            raise ValueError(f"GPTConfig head_dim={self.head_dim} (n_embd/n_head) must be even for rotary")
+        if not self.window_pattern or set(self.window_pattern) - {"L", "S"}:
+            raise ValueError(f"GPTConfig.window_pattern={self.window_pattern!r}: use only 'L' and 'S' characters")
+        if not isinstance(self.mup_base_width, int) or self.mup_base_width < 0:
+            raise ValueError(f"GPTConfig.mup_base_width={self.mup_base_width!r}: must be 0 (SP) or a positive int")
+        for name in ("softcap", "attn_mult", "output_mult", "init_scale"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (value == 0 and name in ("output_mult", "init_scale")):
+                raise ValueError(f"GPTConfig.{name}={value!r}: must be a finite positive number")
+        self._resolve_mup_base()
+        if self.attn_impl not in ("auto", "triton", "sdpa"):
+            raise ValueError(f"GPTConfig.attn_impl={self.attn_impl!r}: choose auto, triton or sdpa")
+        if self.head_impl not in ("auto", "triton", "chunked", "eager"):
+            raise ValueError(f"GPTConfig.head_impl={self.head_impl!r}: choose auto, triton, chunked or eager")
+
+    def _resolve_mup_base(self):
+        """Fill in the base fields (so config.json and checkpoints record the whole base) and refuse a base that
+        is not a valid model or differs in something muP does not cover (depth: no depth rule yet)."""
+        base_fields = ("mup_base_head_dim", "mup_base_n_kv_head", "mup_base_n_layer")
+        for name in base_fields:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"GPTConfig.{name}={value!r}: must be 0 (default) or a positive int")
+            if value and not self.use_mup:
+                raise ValueError(f"GPTConfig.{name}={value} describes a muP base: set mup_base_width too, or drop it")
+        a = self.depth_alpha
+        if not isinstance(a, (int, float)) or not (a == 0 or 0.5 <= a <= 1):
+            raise ValueError(f"GPTConfig.depth_alpha={a!r}: must be 0 (no depth rule) or in [0.5, 1] "
+                             "(1 = CompleteP, 0.5 = Depth-muP)")
+        if a and not self.use_mup:
+            raise ValueError(f"GPTConfig.depth_alpha={a} is a rule relative to a muP base: set mup_base_width too "
+                             "(= n_embd for depth-only transfer)")
+        if not self.use_mup:
+            return
+        b, hd = self.mup_base_width, self.mup_base_head_dim or self.head_dim
+        if b % hd or hd % 2:
+            raise ValueError(f"GPTConfig.mup_base_width={b} is not a multiple of the base head_dim {hd} (even): "
+                             "set mup_base_head_dim to the head_dim the base was tuned at")
+        n_head = b // hd
+        kv = self.mup_base_n_kv_head or (n_head if self.n_kv_head == self.n_head else self.n_kv_head)
+        if n_head % kv:
+            raise ValueError(f"GPTConfig muP base: {n_head} heads (width {b}, head_dim {hd}) not divisible by "
+                             f"{kv} kv heads: set mup_base_n_kv_head to the base's kv-head count")
+        n_layer = self.mup_base_n_layer or self.n_layer
+        if n_layer != self.n_layer and not self.depth_alpha:
+            raise ValueError(f"GPTConfig.n_layer={self.n_layer} but the muP base has mup_base_n_layer={n_layer}: "
+                             f"muP alone transfers across width only: set depth_alpha=1 (CompleteP, --depth-alpha 1) "
+                             f"or tune the base at depth {self.n_layer}")
+        self.mup_base_head_dim, self.mup_base_n_kv_head, self.mup_base_n_layer = hd, kv, n_layer
+        self.attn_mult = self.attn_mult or math.sqrt(hd)  # muP == SP at the base width, whatever the head_dim
+
+    def mup_base(self):
+        """The width base (muP) at this model's depth, or this config (SP). Comparing its parameter shapes with this
+        model's tells which dimensions grow with width (explicit base shapes, as microsoft/mup's make_base_shapes);
+        depth has its own factors (`depth_mult`), so per-layer shapes stay comparable."""
+        if not self.use_mup:
+            return self
+        b = self.mup_base_width
+        return replace(self, n_embd=b, n_head=b // self.mup_base_head_dim, n_kv_head=self.mup_base_n_kv_head)
+
+    def mup_delta(self):
+        """A config whose shapes differ from the base's exactly in the dimensions that grow with width: this one,
+        or at the base width (where nothing differs yet) the base with twice the heads, kv heads too if MHA."""
+        base = self.mup_base()
+        if self.n_embd != base.n_embd or not self.use_mup:
+            return self
+        kv = 2 * base.n_kv_head if self.n_kv_head == self.n_head else base.n_kv_head
+        return replace(base, n_embd=2 * base.n_embd, n_head=2 * base.n_head, n_kv_head=kv)
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @property
+    def use_mup(self):
+        return self.mup_base_width > 0
+
+    @property
+    def width_mult(self):
+        """m = n_embd / base width; exactly 1 under SP and at the base width."""
+        return self.n_embd / self.mup_base_width if self.use_mup else 1.0
+
+    @property
+    def depth_mult(self):
+        """m_L = n_layer / base depth under the depth rule; exactly 1 without it and at the base depth."""
+        return self.n_layer / self.mup_base_n_layer if self.depth_alpha else 1.0
+
+    @property
+    def branch_mult(self):
+        """Residual branch multiplier m_L^-alpha (CompleteP Table 1): keeps each block's contribution ~1/L, so
+        the sum over L blocks, and its change in training, stays O(1) as depth grows."""
+        return self.depth_mult ** -self.depth_alpha
+
+    def depth_factors(self):
+        """The depth rule's factors (all 1 without it): m_L, the branch multiplier, and the LR factors of the block
+        matrices (m_L^(alpha-1)) and of the residual scalars (1/m_L); GPT.param_rules applies them."""
+        dm = self.depth_mult
+        return dict(m_L=dm, branch_mult=self.branch_mult, matrix_lr=dm ** (self.depth_alpha - 1), scalar_lr=1 / dm)
+
+    @property
+    def attn_scale(self):
+        # muP: q.k grows like head_dim once q and k correlate during training, so scale by 1/d (TP5 sec. 4)
+        return self.attn_mult / self.head_dim if self.use_mup else 1.0 / math.sqrt(self.head_dim)
+
+    @property
+    def logit_mult(self):
+        return self.output_mult / self.width_mult if self.use_mup else 1.0
+
+    def windows(self):
+        """Per-layer left window (past tokens a query sees besides itself); None = full causal."""
+        pattern = (self.window_pattern * self.n_layer)[: self.n_layer]
+        return [self.sequence_len // 2 if c == "S" and i < self.n_layer - 1 else None for i, c in enumerate(pattern)]

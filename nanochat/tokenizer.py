@@ -51,12 +51,12 @@ class Tokenizer:
     def load(cls, directory):
         path = os.path.join(directory, "tokenizer.pkl")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"no tokenizer in {directory}: run `python -m scripts.tok_train` first")
+            raise FileNotFoundError(f"no tokenizer in {directory}: run `python scripts/tok_train.py` first")
         with open(path, "rb") as f:
             d = pickle.load(f)
         if d["special_tokens"] != SPECIAL_TOKENS:
             raise ValueError(f"tokenizer in {directory} has special tokens {d['special_tokens']}, "
-                             f"expected {SPECIAL_TOKENS}: retrain it with `python -m scripts.tok_train`")
+                             f"expected {SPECIAL_TOKENS}: retrain it with `python scripts/tok_train.py`")
         return cls(d["pattern"], d["mergeable_ranks"])
 
     def save(self, directory):
@@ -99,12 +99,8 @@ class Tokenizer:
         return self.enc.decode(ids)
 
 
-def get_tokenizer(name="default"):
-    return Tokenizer.load(tokenizer_dir(name))
-
-
 def get_token_bytes(directory, device="cpu"):
     path = os.path.join(directory, "token_bytes.pt")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no token_bytes.pt in {directory}: run `python -m scripts.tok_train` first")
+        raise FileNotFoundError(f"no token_bytes.pt in {directory}: run `python scripts/tok_train.py` first")
     return torch.load(path, map_location=device)

@@ -219,14 +219,14 @@ except ValueError as e:
     parser.error(str(e))
 # an explicit Triton choice the kernels cannot run fails here, in one line, not at the first forward
 if args.attn_impl == "triton":
-    import kernels.attention
+    import kernels.attention_torch
 
-    if why := kernels.attention.unsupported(device_type, dtype, config.head_dim):
+    if why := kernels.attention_torch.unsupported(device_type, dtype, config.head_dim):
         parser.error(f"--attn-impl=triton cannot run {why}: use --attn-impl sdpa (or auto)")
 if args.head_impl == "triton":
-    import kernels.head
+    import kernels.head_torch
 
-    if why := kernels.head.unsupported(device_type, dtype):
+    if why := kernels.head_torch.unsupported(device_type, dtype):
         parser.error(f"--head-impl=triton cannot run {why}: use --head-impl chunked (or auto)")
 model = build_model(config, device)
 hp = OptimConfig(args.matrix_optimizer, **{name: getattr(args, name) for name in HP_OPTIONS})

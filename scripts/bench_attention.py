@@ -1,18 +1,19 @@
 """
 Benchmark the Triton attention kernel against SDPA (flash backend) and compiled flex_attention.
 
-    python -m scripts.bench_attention    # B=4 H=16 D=128 bf16, causal, T 512..8192, window none and T/4
+    python scripts/bench_attention.py    # B=4 H=16 D=128 bf16, causal, T 512..8192, window none and T/4
 
 Writes dev/bench_attention.md (table + target checks) and dev/bench_attention.png. Needs a CUDA GPU.
 FLOPs count the attended (query, key) pairs: 4*B*H*D per pair forward (= 4*B*H*T^2*D * 0.5 for full
 causal), backward 2.5x forward.
 """
 
-import argparse
 import os
 import sys
 
 import torch
+
+from nanochat.common import ArgParser
 
 
 def visible_pairs(T, window):
@@ -106,13 +107,13 @@ def target_lines(rows, seqlens):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
-    parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
-    parser.add_argument("--out-dir", default="dev")
+    parser = ArgParser(description=__doc__.strip().splitlines()[0])
+    parser.add("--batch", type=int, min=1, default=4)
+    parser.add("--heads", type=int, min=1, default=16)
+    parser.add("--head-dim", type=int, min=1, default=128)
+    parser.add("--seqlens", type=int, min=1, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    parser.add("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    parser.add("--out-dir", path="out", default="dev")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_attention.py needs a CUDA GPU; nothing to do on CPU.")

@@ -25,31 +25,28 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from kernels.head import (  # noqa: E402
-    chunked_linear_cross_entropy,
-    eager_linear_cross_entropy,
-    fused_linear_cross_entropy,
-)
+from kernels.head_torch import chunked_linear_cross_entropy, eager_linear_cross_entropy
+from nanochat.common import ArgParser
 
 CASES = ["eager", "compile", "F.linear_cross_entropy", "chunked", "triton"]
+DTYPES = ["float32", "bfloat16", "float16"]
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on cuda")
-    p.add_argument("--N", type=int, default=None, help="tokens (default 8192 cpu, 16384 cuda)")
-    p.add_argument("--d", type=int, default=None, help="model width (default 512 cpu, 1024 cuda)")
-    p.add_argument("--V", type=int, default=None, help="vocab (default 32768 cpu, 65536 cuda)")
-    p.add_argument("--logit-mult", type=float, default=0.25)
-    p.add_argument("--softcap", type=float, default=15.0)
-    p.add_argument("--chunk-size", type=int, default=0, help="rows per chunk, 0 = automatic")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--iters", type=int, default=None, help="timed iterations (default 3 cpu, 20 cuda)")
-    p.add_argument("--cases", nargs="+", default=None, choices=CASES + ["inputs"])
-    p.add_argument("--out", default=None, help="markdown path (default dev/bench_head_<device>.md)")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one case, print json
+    p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add("--dtype", default=None, choices=DTYPES, help="default: float32 on cpu, bfloat16 on cuda")
+    p.add("--N", type=int, min=1, default=None, help="tokens (default 8192 cpu, 16384 cuda)")
+    p.add("--d", type=int, min=1, default=None, help="model width (default 512 cpu, 1024 cuda)")
+    p.add("--V", type=int, min=1, default=None, help="vocab (default 32768 cpu, 65536 cuda)")
+    p.add("--logit-mult", type=float, above=0, default=0.25)
+    p.add("--softcap", type=float, min=0, default=15.0)
+    p.add("--chunk-size", type=int, min=0, default=0, help="rows per chunk, 0 = automatic")
+    p.add("--warmup", type=int, min=0, default=1)
+    p.add("--iters", type=int, min=1, default=None, help="timed iterations (default 3 cpu, 20 cuda)")
+    p.add("--cases", nargs="+", default=None, choices=CASES, help="default: all (no triton on cpu)")
+    p.add("--out", path="outfile", default=None, help="markdown path (default dev/bench_head_<device>.md)")
+    p.add("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one case, print json
     a = p.parse_args()
     cpu = a.device == "cpu"
     a.dtype = a.dtype or ("float32" if cpu else "bfloat16")
@@ -71,7 +68,9 @@ def make_step(case, a):
     if case == "F.linear_cross_entropy":  # no softcap support: multiplier folded into x, softcap 0
         opts = torch.nn.LinearCrossEntropyOptions()
         return lambda x, w, t: F.linear_cross_entropy(x * a.logit_mult, w, t, options=opts)
-    impl = chunked_linear_cross_entropy if case == "chunked" else fused_linear_cross_entropy
+    impl = chunked_linear_cross_entropy
+    if case == "triton":
+        from kernels.head import fused_linear_cross_entropy as impl  # only this case needs Triton
     return lambda x, w, t: impl(x, w, t, chunk_size=a.chunk_size, **kw)
 
 

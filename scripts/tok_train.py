@@ -1,6 +1,6 @@
 """
 Train the BPE tokenizer on the train split of a data dir and save it (plus token_bytes.pt).
-    python -m scripts.tok_train --vocab-size 4096
+    python scripts/tok_train.py --vocab-size 4096
 Idempotent: reruns with the same arguments reuse the saved tokenizer.
 """
 

@@ -1,7 +1,11 @@
-"""Test setup: Triton's interpreter on CPU, and a generated corpus + tokenizer shared by the session."""
+"""Test setup: Triton's interpreter on CPU, a generated corpus + tokenizer shared by the session, and the helpers
+several test files use (tiny base_train runs, relative errors)."""
 
+import json
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ if not torch.cuda.is_available():
 # Tests of the Triton paths put their tensors here: the compiled kernels on CUDA tensors where there is a GPU,
 # the interpreter on CPU tensors elsewhere (CPU tensors cannot reach compiled kernels, and vice versa).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from nanochat.dataset import write_shards  # noqa: E402
 from nanochat.tokenizer import Tokenizer  # noqa: E402
@@ -30,3 +35,38 @@ def corpus(tmp_path_factory):
     tok = Tokenizer.train_from_iterator(iter(docs), 300)
     tok.save(str(root / "tok"))
     return dict(data=str(data), tok=str(root / "tok"))
+
+
+# -----------------------------------------------------------------------------
+# helpers
+
+# a tiny base_train model (the tests add the rest)
+TINY = ["--depth", "1", "--n-embd", "32", "--n-head", "2", "--sequence-len", "32", "--device-batch-size", "4",
+        "--eval-tokens", "256", "--device", "cpu", "--dtype", "float32"]
+
+
+def train_cmd(corpus, out, *extra, nproc=1, env=None):
+    """(command, env) of a tiny base_train run; PYTHONPATH makes it import this checkout's nanochat."""
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "base_train.py")]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", cmd[1]]
+    cmd += TINY + ["--data-dir", corpus["data"], "--tokenizer-dir", corpus["tok"], "--out-dir", str(out), *extra]
+    return cmd, dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=ROOT, **(env or {}))
+
+
+def train(corpus, out, *extra, nproc=1, check=True, env=None):
+    cmd, env = train_cmd(corpus, out, *extra, nproc=nproc, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def metrics(out):
+    return [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+
+def rel_err(x, ref):
+    """max |x - ref| relative to the reference's scale (absolute where the reference is all zero)."""
+    ref = ref.double()
+    return ((x.double() - ref).abs().max() / (ref.abs().max().item() or 1.0)).item()

@@ -6,15 +6,12 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from conftest import DEVICE
+from conftest import DEVICE, rel_err
 
+import kernels
 import kernels.attention as attention
-from kernels.attention import (
-    attention_reference,
-    flash_attention,
-    flash_attn_fwd,
-    sliding_window_mask,
-)
+from kernels.attention import flash_attention, flash_attn_fwd
+from kernels.attention_torch import HEAD_DIMS, attention_reference, sliding_window_mask, unsupported
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -55,12 +52,6 @@ def _run(fn, q, k, v, do, **kw):
     return [o.detach(), q.grad, k.grad, v.grad]
 
 
-def _rel_err(x, ref):
-    """max |x - ref| relative to the reference's scale (absolute where the reference is all zero)."""
-    ref = ref.double()
-    return ((x.double() - ref).abs().max() / (ref.abs().max().item() or 1.0)).item()
-
-
 @pytest.mark.parametrize("B,T,H,H_kv,D,causal,window,scale", CASES)
 def test_fp32_matches_fp64_reference(B, T, H, H_kv, D, causal, window, scale):
     q, k, v, do = _inputs(B, T, H, H_kv, D, torch.float32)
@@ -69,7 +60,7 @@ def test_fp32_matches_fp64_reference(B, T, H, H_kv, D, causal, window, scale):
     ref = _run(attention_reference, q.double(), k.double(), v.double(), do.double(), **kw)
     for name, x, r in zip("o dq dk dv".split(), out, ref, strict=True):
         assert x.dtype == torch.float32 and x.shape == r.shape
-        assert _rel_err(x, r) < 1e-5, f"{name}: {_rel_err(x, r):.2e}"
+        assert rel_err(x, r) < 1e-5, f"{name}: {rel_err(x, r):.2e}"
 
 
 GPU_TILES = sorted({(m, n) for table in (attention._FWD_CONFIGS, attention._DKDV_CONFIGS, attention._DQ_CONFIGS)
@@ -87,7 +78,7 @@ def test_gpu_tile_shapes(block_m, block_n, monkeypatch):
         out = _run(flash_attention, q, k, v, do, **kw)
         ref = _run(attention_reference, q.double(), k.double(), v.double(), do.double(), **kw)
         for name, x, r in zip("o dq dk dv".split(), out, ref, strict=True):
-            assert _rel_err(x, r) < 1e-5, f"{name} window={window}: {_rel_err(x, r):.2e}"
+            assert rel_err(x, r) < 1e-5, f"{name} window={window}: {rel_err(x, r):.2e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -104,7 +95,7 @@ def test_lse_and_no_nan_when_row_tiles_fully_masked():
     o, lse = flash_attn_fwd(q, k, v, scale, True, 5)
     assert torch.isfinite(o).all() and torch.isfinite(lse).all()
     ref = attention_reference(q.double(), k.double(), v.double(), scale=scale, window=5)
-    assert _rel_err(o, ref) < 1e-5
+    assert rel_err(o, ref) < 1e-5
     scores = torch.einsum("bthd,bshd->bhts", q.double(), k.double().expand(-1, -1, 2, -1)) * scale
     scores = scores.masked_fill(~sliding_window_mask(130, 5, q.device), float("-inf"))
     torch.testing.assert_close(lse.double(), scores.logsumexp(-1) / math.log(2), rtol=1e-5, atol=1e-5)
@@ -130,7 +121,7 @@ def test_scale_is_a_runtime_argument():
     before = n_kernels()
     o = flash_attention(q, k, v, scale=0.2)
     assert n_kernels() == before
-    assert _rel_err(o, attention_reference(q.double(), k.double(), v.double(), scale=0.2)) < 1e-5
+    assert rel_err(o, attention_reference(q.double(), k.double(), v.double(), scale=0.2)) < 1e-5
 
 
 def test_torch_compile_fullgraph():
@@ -154,13 +145,15 @@ def test_rejects_bad_shapes():
 
 
 def test_unsupported_cases_are_named(monkeypatch):
-    for D in attention.HEAD_DIMS:
+    for D in HEAD_DIMS:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            assert attention.unsupported(DEVICE, dtype, D) is None
-    assert "head_dim=80" in attention.unsupported("cuda", torch.bfloat16, 80)
-    assert "dtype torch.float64" in attention.unsupported("cuda", torch.float64, 64)
-    monkeypatch.setattr(attention, "INTERPRET", False)
-    assert "device cpu" in attention.unsupported("cpu", torch.float32, 64)
+            assert unsupported(DEVICE, dtype, D) is None
+    assert "head_dim=80" in unsupported("cuda", torch.bfloat16, 80)
+    assert "dtype torch.float64" in unsupported("cuda", torch.float64, 64)
+    monkeypatch.setattr(kernels, "HAS_TRITON", False)
+    assert "pip install triton" in unsupported("cuda", torch.float32, 64)
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    assert "device cpu" in unsupported("cpu", torch.float32, 64)
 
 
 def test_autocast_casts_like_sdpa():

@@ -97,15 +97,13 @@ def test_auto_picks_per_case(n_embd, monkeypatch):
 
 
 def test_explicit_triton_on_unsupported_case_fails_in_one_line(monkeypatch):
-    import kernels.attention
-    import kernels.head
+    import kernels
 
     x, y = batch()
     for kw, impl, match in [(dict(n_embd=96, mup_base_width=48), "attn", r"head_dim=24 .*: use attn_impl='sdpa'"),
                             (dict(device="cpu"), "attn", r"device cpu .*: use attn_impl='sdpa'"),
                             (dict(device="cpu"), "head", r"device cpu .*: use head_impl='chunked'")]:
-        monkeypatch.setattr(kernels.attention, "INTERPRET", "device" not in kw)  # CPU without the interpreter
-        monkeypatch.setattr(kernels.head, "_INTERPRET", "device" not in kw)
+        monkeypatch.setattr(kernels, "INTERPRET", "device" not in kw)  # CPU without the interpreter
         m = model("triton" if impl == "attn" else "sdpa", "triton" if impl == "head" else "chunked", **kw)
         with pytest.raises(ValueError, match=match) as e:
             m(x.to(m.cos.device), y.to(m.cos.device))

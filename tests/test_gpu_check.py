@@ -3,7 +3,7 @@
 import os
 import subprocess
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
 
 
 def test_gpu_check_without_cuda_says_so_in_one_line_and_exits_2():

@@ -1,18 +1,17 @@
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime.jit import JITFunction
 
-from kernels import head
-from kernels.head import (
-    chunked_linear_cross_entropy,
-    eager_linear_cross_entropy,
-    fused_linear_cross_entropy,
-)
+import kernels
+from kernels import head, head_torch
+from kernels.head import fused_linear_cross_entropy
+from kernels.head_torch import chunked_linear_cross_entropy, eager_linear_cross_entropy
 
 IMPLS = {"triton": fused_linear_cross_entropy, "chunked": chunked_linear_cross_entropy}
+CHUNKS = {"triton": head.triton_chunk, "chunked": head_torch.torch_chunk}
 N, D, V = 101, 64, 1003  # odd token count, vocab not a power of two
 
 
@@ -38,10 +37,6 @@ def run(fn, x, w, t, grad, dtype, **kw):
     loss = fn(x, w, t.to(DEVICE), **kw)
     loss.backward(grad.to(DEVICE, loss.dtype))
     return loss.detach().cpu(), x.grad.cpu(), w.grad.cpu()
-
-
-def rel_err(a, ref):
-    return ((a.double() - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -132,10 +127,12 @@ def test_autocast_casts_like_f_linear(impl):
 
 
 def test_unsupported_cases_are_named(monkeypatch):
-    assert head.unsupported(DEVICE, torch.bfloat16) is None
-    assert "dtype torch.float64" in head.unsupported("cuda", torch.float64)
-    monkeypatch.setattr(head, "_INTERPRET", False)
-    assert "device cpu" in head.unsupported("cpu", torch.float32)
+    assert head_torch.unsupported(DEVICE, torch.bfloat16) is None
+    assert "dtype torch.float64" in head_torch.unsupported("cuda", torch.float64)
+    monkeypatch.setattr(kernels, "HAS_TRITON", False)
+    assert "pip install triton" in head_torch.unsupported("cuda", torch.float32)
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    assert "device cpu" in head_torch.unsupported("cpu", torch.float32)
     with pytest.raises(ValueError, match="device cpu .* use chunked_linear_cross_entropy"):
         fused_linear_cross_entropy(*make_inputs(n=4, v=8))
 
@@ -173,8 +170,8 @@ class MaxNumel(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("use_triton", [False, True])
-def test_never_materialises_full_logits(use_triton):
+@pytest.mark.parametrize("impl", CHUNKS)
+def test_never_materialises_full_logits(impl):
     # every aten op of the op body (losses only, and losses + grads) under a dispatch hook; the
     # custom op itself would hide its internals from the hook
     n, d, v, chunk = 200, 16, 1003, 32
@@ -182,23 +179,24 @@ def test_never_materialises_full_logits(use_triton):
     x, w, t = x.to(DEVICE, torch.float32), w.to(DEVICE, torch.float32), t.to(DEVICE)
     with MaxNumel() as mode:
         for row_scale in (None, torch.ones(n, device=DEVICE)):
-            head._lce_chunks(x, w, t, row_scale, 0.5, 15.0, -1, chunk, use_triton)
+            head_torch.lce_chunks(x, w, t, row_scale, 0.5, 15.0, -1, chunk, CHUNKS[impl])
     assert mode.max_nbytes == 4 * max(chunk * v, v * d)  # the fp32 chunk buffer / grad_W, never n * v
     assert mode.max_nbytes < 4 * n * v
 
 
 def test_default_chunk_size():
-    assert head.default_chunk_size(8192, 512, 32768) * 32768 >= 8192 * 512
-    assert head.default_chunk_size(8192, 512, 32768) < 8192
-    assert head.default_chunk_size(10, 64, 1000) == 16  # small inputs: one chunk of at least 16 rows
-    assert head.default_chunk_size(16384, 1024, 65536, "cuda") == 1024  # 256 MiB fp32 chunk on GPU
+    size = head_torch.default_chunk_size
+    assert size(8192, 512, 32768) * 32768 >= 8192 * 512
+    assert size(8192, 512, 32768) < 8192
+    assert size(10, 64, 1000) == 16  # small inputs: one chunk of at least 16 rows
+    assert size(16384, 1024, 65536, "cuda") == 1024  # 256 MiB fp32 chunk on GPU
 
 
 def test_opcheck():
     x, w, t = make_inputs(n=20, d=16, v=50)
     x, w = x.float().requires_grad_(), w.float().requires_grad_()
     for reduction in ("sum", "none"):
-        torch.library.opcheck(head._lce_op, (x, w, t, 0.5, 15.0, -1, reduction, 8, False))
+        torch.library.opcheck(head_torch.CHUNKED_OP, (x, w, t, 0.5, 15.0, -1, reduction, 8))
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
@@ -244,8 +242,8 @@ def test_cuda_scalar_change_does_not_recompile():
     x, w, t = (a.cuda() for a in make_inputs())
     x, w = x.bfloat16(), w.bfloat16()
     fused_linear_cross_entropy(x, w, t, logit_mult=1.0, softcap=0.0)
-    kernels = (head._logits_lse_kernel, head._dlogits_kernel)
-    n_compiled = [sum(len(c[0]) for c in k.device_caches.values()) for k in kernels]
+    jits = (head._logits_lse_kernel, head._dlogits_kernel)
+    n_compiled = [sum(len(c[0]) for c in k.device_caches.values()) for k in jits]
     for mult, cap in [(0.5, 15.0), (0.125, 30.0)]:
         fused_linear_cross_entropy(x, w, t, logit_mult=mult, softcap=cap)
-    assert [sum(len(c[0]) for c in k.device_caches.values()) for k in kernels] == n_compiled
+    assert [sum(len(c[0]) for c in k.device_caches.values()) for k in jits] == n_compiled

@@ -3,7 +3,7 @@
 Every config the attention autotuner can pick, and the head kernels' configs, compile for an H100 (sm_90)
 within its shared memory, with no register spills (budget: 0 bytes of stack), onto tensor cores; for T and
 window multiples of 16 and not (the JIT compiles those separately). The compile runs in a subprocess
-(kernels/compile_check.py, which lists what it compiles): this process imported the kernels in interpreter mode.
+(scripts/compile_check.py, which lists what it compiles): this process imported the kernels in interpreter mode.
 Also: the attention autotune key buckets T, so generation does not re-tune for every new length.
 """
 
@@ -15,12 +15,12 @@ import sys
 import pytest
 import torch
 import triton
+from conftest import DEVICE, ROOT
 
 import kernels.attention as attention
 from kernels.attention import flash_attention
+from kernels.attention_torch import attention_reference
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 H100_SMEM = 232_448
 TABLES = {"attn_fwd": attention._FWD_CONFIGS, "attn_bwd_dkdv": attention._DKDV_CONFIGS,
           "attn_bwd_dq": attention._DQ_CONFIGS}
@@ -31,8 +31,8 @@ SIZES = {"bf16": 2, "fp16": 2, "fp32": 4}
 def compiled():
     path = os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": path}
-    r = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--json"], env=env, cwd=ROOT,
-                       capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "compile_check.py"), "--json"]
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     return [json.loads(line) for line in r.stdout.splitlines()]
 
@@ -131,7 +131,7 @@ def test_generation_lengths_tune_once_per_bucket(monkeypatch):
     for T in (129, 200, 256, 257):
         q, k, v = (torch.randn(1, T, 1, 32, generator=g).to(DEVICE) for _ in range(3))
         o = flash_attention(q, k, v, scale=0.2)
-        ref = attention.attention_reference(q.double(), k.double(), v.double(), scale=0.2)
+        ref = attention_reference(q.double(), k.double(), v.double(), scale=0.2)
         assert (o.double() - ref).abs().max() < 1e-5, T
     assert tuned == [256, 256, 512, 512]  # one tuning (two configs) per bucket, not per length
     assert len(tuner.cache) == 2

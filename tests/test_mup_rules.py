@@ -12,12 +12,12 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
 from nanochat.coord_check import coord_config, muon_step_spectral, param_kind
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.report import print_role_table
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CK, CV, CQ = "transformer.h.0.attn.c_k.weight", "transformer.h.0.attn.c_v.weight", "transformer.h.0.attn.c_q.weight"
 FC, EMB, HEAD = "transformer.h.0.mlp.c_fc.weight", "transformer.wte.weight", "lm_head.weight"
 

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from test_train import ROOT, TINY, train
+from conftest import ROOT, TINY, train
 
 INT1 = ["0", "-1", "1.5", "nan", "x"]  # integers >= 1
 INT0 = ["-1", "2.5", "inf", "x"]  # integers >= 0 (0 = off/auto)
@@ -164,3 +164,13 @@ def test_argparser_checks_in_process(tmp_path, capsys):
     p2.add("--lr", type=float, default=0.1, min=0)
     assert parse_error(p2, ["--lr", "4e38"], capsys) == (2, "q: error: --lr=4e38: overflows float32 (max 3.403e+38): "
                                                             "pass a finite number >= 0")
+    # nargs: every value is checked and converted; an unset option with choices is fine
+    p3 = ArgParser(prog="r")
+    p3.add("--seqlens", type=int, min=1, nargs="+", default=[8])
+    p3.add("--cases", nargs="+", default=None, choices=["a", "b"])
+    assert parse_error(p3, ["--seqlens", "4", "0"], capsys) == (2, "r: error: --seqlens=0: out of range: pass an "
+                                                                   "integer >= 1")
+    assert parse_error(p3, ["--cases", "a", "c"], capsys) == (2, "r: error: --cases=c: not a valid choice: pass one "
+                                                                 "of a, b")
+    ns = p3.parse_args(["--seqlens", "4", "16"])
+    assert ns.seqlens == [4, 16] and ns.cases is None

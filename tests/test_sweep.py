@@ -10,10 +10,10 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from nanochat.transfer import fit_optimum, read_runs, recommend, summarize
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = ["bash", os.path.join(ROOT, "scripts", "sweep.sh")]
 TRAIN = ["--head-dim", "8", "--sequence-len", "32", "--device-batch-size", "4", "--num-iterations", "3",
          "--eval-tokens", "256", "--eval-every", "0", "--device", "cpu", "--dtype", "float32"]

@@ -9,35 +9,10 @@ import sys
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, ROOT, metrics, train
 
 from nanochat.dataset import iter_documents
 from nanochat.tokenizer import Tokenizer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--depth", "1", "--n-embd", "32", "--n-head", "2", "--sequence-len", "32", "--device-batch-size", "4",
-        "--eval-tokens", "256", "--device", "cpu", "--dtype", "float32"]
-
-
-def train_cmd(corpus, out, *extra, nproc=1, env=None):
-    """(command, env) of a tiny base_train run; PYTHONPATH makes it import this checkout's nanochat."""
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", "base_train.py")]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", cmd[1]]
-    cmd += TINY + ["--data-dir", corpus["data"], "--tokenizer-dir", corpus["tok"], "--out-dir", str(out), *extra]
-    return cmd, dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=ROOT, **(env or {}))
-
-
-def train(corpus, out, *extra, nproc=1, check=True, env=None):
-    cmd, env = train_cmd(corpus, out, *extra, nproc=nproc, env=env)
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    if check:
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
-
-
-def metrics(out):
-    return [json.loads(line) for line in open(out / "metrics.jsonl")]
 
 
 def test_train_smoke_loss_decreases_and_files_written(corpus, tmp_path):

@@ -2,8 +2,8 @@
 Compile the Triton kernels' CUDA launch configs for an H100 (sm_90) on a machine without a GPU, and report
 what each one uses. Triton ships ptxas, so `triton.compile(..., target=GPUTarget("cuda", 90, 32))` runs on CPU.
 
-    TRITON_INTERPRET=0 python -m kernels.compile_check          # markdown table
-    TRITON_INTERPRET=0 python -m kernels.compile_check --json   # one JSON record per line (the test reads it)
+    TRITON_INTERPRET=0 python scripts/compile_check.py          # markdown table
+    TRITON_INTERPRET=0 python scripts/compile_check.py --json   # one JSON record per line (the test reads it)
 
 Per compiled kernel: shared memory per block (compiler metadata), registers and stack frame from
 `cuobjdump -res-usage` (these kernels call no functions, so any stack is register spills), and the
@@ -23,17 +23,18 @@ are never marked.
 - the head's logits + log-sum-exp kernel for bf16, fp16 and fp32 inputs, and its dlogits kernel (fp32).
 """
 
-import argparse
 import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
-assert os.environ.get("TRITON_INTERPRET") != "1", "compile for sm_90 with TRITON_INTERPRET unset or 0"
+if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels would be defined for the interpreter
+    sys.exit("compile_check.py: TRITON_INTERPRET=1: run it with TRITON_INTERPRET=0 (or unset)")
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -42,6 +43,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from kernels import attention, head  # noqa: E402
+from nanochat.common import ArgParser  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 H100_SMEM = 232_448  # bytes of shared memory one block may use (sm_90 opt-in maximum)
@@ -129,9 +131,9 @@ def run(workers):
 
 
 def main():
-    p = argparse.ArgumentParser(description="compile the Triton kernel configs for sm_90 and report resources")
-    p.add_argument("--json", action="store_true", help="one JSON record per line instead of a table")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel compiles")
+    p = ArgParser(description="compile the Triton kernel configs for sm_90 and report resources")
+    p.add("--json", action="store_true", help="one JSON record per line instead of a table")
+    p.add("--workers", type=int, min=1, default=min(2, os.cpu_count() or 1), help="parallel compiles")
     args = p.parse_args()
     t0 = time.time()
     rows = run(args.workers)

@@ -23,7 +23,7 @@ import shlex
 import subprocess
 import sys
 
-from nanochat.common import ArgParser
+from nanochat.common import ArgParser, atomic_write_text
 
 parser = ArgParser(description="muP with proxy-tuned hyperparameters vs SP tuned at the target width")
 parser.add("dirs", nargs="+", help="sweep directories (one hyperparameter each) with sp and mup runs")
@@ -40,6 +40,7 @@ if not args.out:
 seeds = args.seeds.split()
 if len(seeds) < 2 or not all(s.isdigit() for s in seeds):
     parser.error(f"--seeds {args.seeds!r}: pass at least 2 non-negative integers, e.g. --seeds \"100 101 102\"")
+seeds = [str(int(v)) for v in seeds]  # "007" is seed 7, as base_train reads it
 for d in args.dirs:
     if not os.path.isfile(os.path.join(d, "sweep.json")):
         parser.error(f"{d}: no sweep.json: pass a directory written by scripts/sweep.sh")
@@ -54,6 +55,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tuned values from the sweeps
 
 
+swept = {o for d in args.dirs for o in json.load(open(os.path.join(d, "sweep.json")))["options"]}
 sweeps, common, ctx = [], None, None
 for d in args.dirs:
     meta, rows = read_runs(d)
@@ -64,7 +66,6 @@ for d in args.dirs:
     if len(depths) != 1 or not base_width:
         parser.error(f"{d}: need muP runs at exactly one depth (found depths {sorted(depths)}, base width "
                      f"{base_width}): sweep one depth with --modes \"sp mup\"")
-    swept = {o for s in args.dirs for o in json.load(open(os.path.join(s, "sweep.json")))["options"]}
     rest = drop_options(meta["extra"], swept)
     if common is None:
         common, ctx = rest, (depths.pop(), base_width)
@@ -121,7 +122,8 @@ for arm, (mode, _) in arms.items():
 vals = {}
 for arm in arms:
     d = os.path.join(args.out, arm)
-    vals[arm] = np.array([r["val_bpb"] for r in read_runs(d)[1]]) if os.path.isdir(d) else np.array([])
+    rows = read_runs(d)[1] if os.path.isdir(d) else []  # only this call's seeds: the directory may hold more
+    vals[arm] = np.array([r["val_bpb"] for r in sorted(rows, key=lambda r: r["seed"]) if str(r["seed"]) in seeds])
 missing = [a for a in arms if len(vals[a]) < len(seeds)]
 if missing:
     print(f"not all runs finished yet ({', '.join(f'{a}: {len(vals[a])}/{len(seeds)}' for a in missing)}): "
@@ -156,10 +158,7 @@ for key, what in (("mup_minus_sp", "muP transferred - SP tuned at the target"),
                   ("mup_minus_mup_tuned", "muP transferred - muP tuned at the target (cost of transfer)")):
     r = res[key]
     lines.append(f"\n- {what}: {r['mean']:+.4f} bpb [95% CI {r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}]")
-os.makedirs(args.out, exist_ok=True)
-for name, text in (("payoff.md", "\n".join(lines) + "\n"), ("payoff.json", json.dumps(res, indent=1))):
-    tmp = os.path.join(args.out, name + ".tmp")
-    open(tmp, "w").write(text)
-    os.replace(tmp, os.path.join(args.out, name))
+atomic_write_text(os.path.join(args.out, "payoff.md"), "\n".join(lines) + "\n")
+atomic_write_text(os.path.join(args.out, "payoff.json"), json.dumps(res, indent=1))
 print("\n".join(lines))
 print(f"wrote {args.out}/payoff.md and payoff.json")

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -130,8 +131,10 @@ def test_payoff_runs_the_three_arms_with_their_tuned_values(swept, tmp_path):
                            timeout=120)
     assert again.returncode == 0 and "muP transferred - SP tuned" in again.stdout
     assert json.load(open(pay / "payoff.json"))["val_bpb"] == res["val_bpb"]
+    more = subprocess.run(cmd[:5] + ["--seeds", "5 6 7", "--out", str(pay), "--report-only"],
+                          env=env(PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
+    assert more.returncode == 0 and "mup: 2/3" in more.stdout, more.stdout  # counts only the seeds asked for
     # a second pass of the same hyperparameter overrides the first where it has runs (here: muP at the base width)
-    import shutil
     second = tmp_path / "pass2"
     second.mkdir()
     shutil.copy(out / "sweep.json", second / "sweep.json")

@@ -280,7 +280,7 @@ def expected_slope(quantity, shapes, matrix_optimizer="muon", step=1, decay=Fals
     -s_in + 0.5*min(s_out, s_in) if it is full rank. AdamW (LR eta/r_in): dW entries -s_in; spectral norms are
     reported, not asserted (0 only in the infinite-width low-rank limit). Embedding, readout (1/m in the forward),
     scalars: AdamW with constant LR: entries 0. With weight decay (`decay`) a matrix's dW also holds -lr*wd*W,
-    whose entries follow W's (lr*wd is width-invariant): dW entries then lie between the two."""
+    whose entries and spectral norm follow W's (lr*wd is width-invariant): dW then lies between the two."""
     stat, _, kind = quantity.partition("/")
     if stat in ("loss", "dw_srank", "shape"):
         return None
@@ -311,9 +311,9 @@ def expected_slope(quantity, shapes, matrix_optimizer="muon", step=1, decay=Fals
         return w_init if stat == "w_rms" else spec if stat in ("dw_spec", "w_spec") else 0.0
     if stat == "w_rms":
         return w_init
-    if stat == "dw_spec":
-        return spec
     gap = 0.5 * abs(s_out - s_in)  # output-class ||W0||_2 carries the extra sqrt(fan_out) * std term
+    if stat == "dw_spec":
+        return (spec - gap, spec) if decay and gap and not zero_init else spec
     if stat == "w_spec":
         return spec if gap == 0 else (spec - gap, spec)
     return 0.0 if gap == 0 else (0.0, gap)  # cond = ||dW||_2 / ||W||_2

@@ -17,7 +17,7 @@ QUANTITIES = ("stream", "stream_change", "layer_update", "logits", "target_logit
 
 
 def depth_config(depth, rule, width=64, head_dim=32, base_depth=2, seq_len=64):
-    """muP at its own base width (width-wise identical to SP but the zero readout), with the CompleteP depth rule
+    """muP at its own base width (width-wise identical to SP), with the CompleteP depth rule
     (`rule` = alpha > 0, base depth `base_depth`) or without any depth rule (`rule` = 0)."""
     depth_kw = dict(mup_base_n_layer=base_depth, depth_alpha=float(rule)) if rule else {}
     return GPTConfig(sequence_len=seq_len, vocab_size=VOCAB, n_layer=depth, n_head=width // head_dim,

@@ -6,9 +6,10 @@ causal GQA attention with a per-layer sliding window, ReLU^2 MLP, per-layer resi
 untied lm_head, tanh logit softcap, no biases.
 
 `GPTConfig.mup_base_width = b > 0` turns on muP (Tensor Programs V, Yang et al. 2022) with width
-multiplier m = n_embd / b: attention logits scaled by attn_mult/head_dim, lm_head zero-initialised
-and its logits multiplied by output_mult/m, and the optimizer rules in `GPT.param_rules`. GPTConfig (with the
-base it records and its forward multipliers) lives in nanochat/config.py, torch-free, and is imported from here.
+multiplier m = n_embd / b: attention logits scaled by attn_mult/head_dim, lm_head logits multiplied by
+output_mult/m (its init std is SP's, so its effective init shrinks like 1/m), and the optimizer rules in
+`GPT.param_rules`. GPTConfig (with the base it records and its forward multipliers) lives in nanochat/config.py,
+torch-free, and is imported from here.
 `mup_base_width = 0` is the standard parametrization (SP). `depth_alpha > 0` adds the depth rule (CompleteP,
 Dey et al. 2025, arXiv 2505.01618; alpha = 1/2 is Depth-muP, Yang et al. 2023): residual branches multiplied by
 (L_base / L)^alpha and the depth factors in `GPT.param_rules`. See muP_changes.md for every rule.
@@ -198,14 +199,16 @@ class GPT(nn.Module):
         Matrices and the embedding: SP's std at the base shape times r_in^-1/2 * min(1, r_out/r_in)^1/2, so the
         spectral norm scales like sqrt(fan_out/fan_in) from the base (Yang, Simon & Bernstein 2023, Cond. 1;
         TP5 Table 3): hidden 1/sqrt(fan_in), input constant, output ~1/fan_in. SP's std: embedding 1, matrices
-        1/sqrt(fan_in), out-projections 0 (nanochat). lm_head: SP 0.001, muP 0 (TP5 sec. D.2).
+        1/sqrt(fan_in), out-projections 0 (nanochat). lm_head: 0.001 in both modes; under muP the forward multiplier
+        output_mult/m makes its effective std 0.001/m (variance ~1/n^2, TP5 Table 3), equal to SP's at the base width.
+        Not TP5 sec. D.2's zero init: at our scale that made bad all-AdamW runs much likelier (dev/experiment_log.md).
         `init_scale` multiplies every std but the scalars' (initial values, not stds): TP5's tunable init
         multiplier (sec. 4), the same in both modes, so it is swept at the base width and transfers under muP."""
         role = s["role"]
         if role == "scalar":
             return 1.0 if name == "resid_lambdas" else 0.0
         if role == "readout":
-            return 0.0 if self.config.use_mup else 0.001 * self.config.init_scale
+            return 0.001 * self.config.init_scale
         if name.endswith("c_proj.weight"):
             return 0.0
         base_std = 1.0 if role == "embedding" else (s["fan_in"] / s["r_in"]) ** -0.5

@@ -15,8 +15,8 @@ CFG = dict(sequence_len=40, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_e
 
 
 def model(attn_impl, head_impl, device=DEVICE, **kw):
-    """Same weights for every impl. The muP zero-init lm_head and c_proj would leave attention without
-    gradients, so both get small random values."""
+    """Same weights for every impl. The zero-init c_proj would leave attention without gradients and
+    the readout's init is tiny, so both get small random values."""
     torch.manual_seed(0)
     m = build_model(GPTConfig(**{**CFG, **kw}, attn_impl=attn_impl, head_impl=head_impl), device)
     g = torch.Generator().manual_seed(1)

@@ -69,7 +69,7 @@ def test_depth_rule_is_refused_without_a_muP_base_or_with_a_bad_alpha():
 @pytest.mark.parametrize("opt", ["muon", "adamw"])
 def test_depth_coord_check_flat_with_completep_drifting_without(opt):
     # depths 2 and 8 at width 64, 4 real steps on Shakespeare bytes; step 4 is the first where every block's
-    # matrices have moved (zero readout and zero out-projections at init). Measured (seeds 0-2): CompleteP
+    # matrices have moved (zero out-projections at init). Measured (seeds 0-2): CompleteP
     # |slope| <= 0.07; no depth rule: stream change 0.27-0.90, layer update 0.64-0.93 (seed 0: >= 0.58)
     sl = slopes(run_depth_check([2, 8], steps=4, seeds=(0,), matrix_optimizer=opt, log=None), step=4)
     for q in ("stream", "stream_change", "layer_update", "logits"):

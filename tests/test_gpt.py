@@ -40,7 +40,8 @@ def test_meta_build_and_init_follow_the_role_table():
             assert torch.all(p == row["init_std"]), row["name"]
         else:
             assert p.std().item() == pytest.approx(row["init_std"], rel=0.05), row["name"]
-    assert torch.all(model.lm_head.weight == 0)  # muP readout starts at zero
+    # the readout keeps SP's std; the muP forward multiplier 1/m = 1/4 shrinks its effective init like 1/width
+    assert model.config.logit_mult == 0.25 and model.lm_head.weight.std().item() == pytest.approx(0.001, rel=0.05)
     assert model.cos.shape == (1, 32, 1, 32) and torch.isfinite(model.cos).all()
 
 
@@ -79,11 +80,13 @@ def test_sp_and_mup_identical_at_base_width():
     assert mup.config.width_mult == 1.0 and mup.config.logit_mult == 1.0
 
 
-def test_mup_logits_exactly_zero_at_init():
-    model = build(n_embd=128, n_head=2, mup_base_width=32, mup_base_head_dim=16)
-    x, y = batch()
-    assert torch.all(model(x) == 0)
-    assert model(x, y).item() == pytest.approx(math.log(97), rel=1e-6)
+def test_init_logits_shrink_like_width_to_the_minus_half_under_mup_and_grow_under_sp():
+    # readout std 0.001 in both modes; muP's 1/m multiplier makes its effective variance ~1/n^2 (TP5 Table 3), so
+    # the init logits (sums of n independent terms) go like n^-1/2 under muP and n^+1/2 under SP
+    x, _ = batch(B=4, T=32, seed=1)
+    for base, slope in ((64, -0.5), (0, 0.5)):
+        std = [build(n_embd=n, n_head=n // 32, mup_base_width=base)(x).std().item() for n in (64, 1024)]
+        assert math.log2(std[1] / std[0]) / 4 == pytest.approx(slope, abs=0.05), (base, std)
 
 
 @pytest.mark.parametrize("use_mup", [False, True])

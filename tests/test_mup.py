@@ -48,7 +48,7 @@ def test_text_bytes_and_batches(data):
 # coordinate check (fast tier)
 
 CC_WIDTHS = [32, 64, 128, 256]
-CC_STEPS = 4  # muP: step 1 moves only the zero-init readout, step 2 also c_proj; all matrices move from step 3
+CC_STEPS = 4  # the zero-init c_proj blocks the branches' gradients at step 1; all matrices move from step 2
 SP_SIGNALS = ("act/logits", "act/target_logit", "act/emb_rel_change")
 
 
@@ -112,6 +112,9 @@ def test_expected_slopes_table():
     # weight decay adds -lr*wd*W to dW: entries between the update's and W's
     assert expected_slope("dw_rms/mlp.c_fc", mha, "adamw", decay=True) == (-1.0, -0.5)
     assert expected_slope("dw_rms/embedding", mha, "adamw", decay=True) == 0.0
+    # ... and its spectral norm between the update's and W's: ||W0||_2 of an output-class matrix falls faster
+    assert expected_slope("dw_spec/attn.c_k", gqa, "muon", decay=True) == (-1.0, -0.5)
+    assert expected_slope("dw_spec/attn.c_q", gqa, "muon", decay=True) == 0.0
 
 
 # GQA with one kv head (c_k / c_v output-like) on Muon, and width through head_dim (2 heads, 1 kv head) on AdamW,
@@ -123,14 +126,19 @@ NEW_CASES = {"gqa_muon": ("muon", dict(n_kv_head=1, weight_decay=0.5)),
 @pytest.mark.parametrize("case", list(NEW_CASES))
 def test_coord_check_gqa_and_head_dim_growth(case):
     setup, kw = NEW_CASES[case]
-    rows = coord_rows(setup, CC_WIDTHS, CC_STEPS, (0, 1, 2), B=8, T=64, **kw)
+    # 6 seeds: at 3 the Adam-updated scalars' early steps are seed-noisy (dw_rms/scalar +0.17 at step 3, seeds 0-2)
+    rows = coord_rows(setup, CC_WIDTHS, CC_STEPS, range(6), B=8, T=64, **kw)
     check_coord_rows(rows, act_tol=0.2)
     slope = {(r["mode"], r["quantity"], r["step"]): r["measured"] for r in rows}
-    if setup == "muon":  # the spectral condition for the output-like c_k / c_v: ||dW||_2 ~ width^-1/2 ...
+    if setup == "muon":  # output-like c_k / c_v: ||dW||_2 within the decay-aware range (-1, -0.5) ...
         for q in ("dw_spec/attn.c_k", "dw_spec/attn.c_v"):
-            assert abs(slope["mup", q, CC_STEPS] + 0.5) <= 0.1, slope["mup", q, CC_STEPS]
             # ... where SP (the old square-matrix rule) stays near flat
             assert slope["sp", q, CC_STEPS] - slope["mup", q, CC_STEPS] >= 0.3, slope["sp", q, CC_STEPS]
+        # without decay dW is the orthogonalised update alone: the spectral condition holds to 0.01 from step 2
+        rows = coord_rows(setup, CC_WIDTHS, 3, (0,), B=8, T=64, n_kv_head=1)
+        for r in rows:
+            if r["mode"] == "mup" and r["quantity"] in ("dw_spec/attn.c_k", "dw_spec/attn.c_v") and r["step"] >= 2:
+                assert abs(r["measured"] + 0.5) <= 0.01, r
     else:  # AdamW hidden LR eta/m: entries -1 under muP, width-independent under SP
         assert abs(slope["mup", "dw_rms/attn.c_v", CC_STEPS] + 1) <= 0.15
         assert abs(slope["sp", "dw_rms/attn.c_v", CC_STEPS]) <= 0.3

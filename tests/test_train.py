@@ -40,6 +40,20 @@ def test_train_smoke_loss_decreases_and_files_written(corpus, tmp_path):
     assert s.returncode == 0 and s.stdout.count("the king") == 1, s.stderr
 
 
+@pytest.mark.parametrize("opt", ["muon", "adamw"])
+def test_mup_at_its_base_width_trains_exactly_like_sp(corpus, tmp_path, opt):
+    # every muP rule is SP times a power of width / base width, so at the base width the runs must be bit-identical:
+    # base-width hyperparameters mean the same in both modes (the old zero readout init broke this)
+    runs = [("sp", ()), ("mup", ("--mup-base-width", "32"))]
+    for name, extra in runs:
+        train(corpus, tmp_path / name, "--num-iterations", "6", "--eval-every", "6", "--matrix-optimizer", opt,
+              "--weight-decay", "0.1", *extra)
+    sp, mup = metrics(tmp_path / "sp"), metrics(tmp_path / "mup")
+    assert [r["train_loss"] for r in mup] == [r["train_loss"] for r in sp]
+    assert mup[-1]["val_bpb"] == sp[-1]["val_bpb"]
+    assert json.load(open(tmp_path / "mup" / "config.json"))["model_config"]["mup_base_width"] == 32
+
+
 def test_cuda_recipe_bf16_triton_kernels(corpus, tmp_path):
     # base_train's CUDA settings (bf16 autocast, both Triton kernels, GQA, a sliding-window layer) through the
     # interpreter on CPU, or the compiled kernels where there is a GPU; head_dim 32, the smallest the kernel has.

@@ -268,7 +268,8 @@ def expected_slope(quantity, shapes, matrix_optimizer="muon", step=1, decay=Fals
     """Theory slope of log2(size) vs log2(width) under muP (derivation in muP_changes.md): a float, a (lo, hi)
     range, or None = not predicted. `shapes`: `shape_slopes`, i.e. (s_out, s_in) per kind and head_dim's slope.
 
-    Activations, logits, target logit, embedding relative change: 0 (TP5 Desiderata J.1). The output of an
+    Activations, logits, target logit, embedding relative change: 0 (TP5 Desiderata J.1); at step 0 the logits
+    and target logit are -0.5 (readout effective std 0.001/m, TP5 Table 3). The output of an
     output-class matrix (fan_in grows, fan_out fixed: c_k/c_v with fixed kv heads) starts at 0.5*(s_out - s_in)
     (init std ~1/fan_in, TP5 Table 3) and the attention scores at -0.5*s_head_dim (1/d on independent q, k);
     once updates dominate both are O(1), so after step 0 the range (init slope, 0); attention's c_proj output
@@ -286,6 +287,8 @@ def expected_slope(quantity, shapes, matrix_optimizer="muon", step=1, decay=Fals
         return None
     if stat == "act":
         name = kind.split(".", 1)[1] if kind.startswith("h") and "." in kind else kind
+        if name in ("logits", "target_logit"):  # readout std 0.001/m on O(1) features: n^-1/2 at init
+            return -0.5 if step == 0 else 0.0
         if name == "attn.logits":
             init = -0.5 * shapes.get("head_dim", 0.0)
         elif name in shapes:
@@ -295,6 +298,9 @@ def expected_slope(quantity, shapes, matrix_optimizer="muon", step=1, decay=Fals
         else:
             init = 0.0
         return init if step == 0 or init == 0 else (init, 0.0)
+    if kind == "scalar" and stat == "dw_rms" and step == 1:
+        return None  # step 1: the stream is a multiple of x0 (c_proj is zero) under a scale-invariant final norm,
+        # so the scalars' gradient is 0 up to rounding (~1e-11 < eps) and their first update is rounding noise
     if kind in ("readout", "scalar"):
         return 0.0
     s_out, s_in = shapes[kind]

@@ -56,11 +56,32 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 swept = {o for d in args.dirs for o in json.load(open(os.path.join(d, "sweep.json")))["options"]}
+
+
+def unfinished(d, rows):
+    """Why a sweep is not complete yet ("" if it is): fitting a half-finished sweep (a shard still running) would
+    launch the arms with a different value than the finished sweep gives."""
+    running = sorted(n for n in os.listdir(d) if os.path.isfile(os.path.join(d, n, "point.json"))
+                     and not os.path.exists(os.path.join(d, n, "DONE")))
+    if running:
+        return f"{len(running)} run(s) not finished (e.g. {running[0]})"
+    for key in {(r["mode"], r["width"], r["depth"]) for r in rows}:
+        cell = {(r["x"], r["seed"]) for r in rows if (r["mode"], r["width"], r["depth"]) == key}
+        full = {(x, s) for x, _ in cell for _, s in cell}
+        if cell != full:
+            x, s = min(full - cell)
+            return f"{key[0]} width {key[1]} has no run at log2 multiplier {x}, seed {s}"
+    return ""
+
+
 sweeps, common, ctx = [], None, None
 for d in args.dirs:
     meta, rows = read_runs(d)
     if not rows:
         parser.error(f"{d}: no finished runs yet: run scripts/sweep.sh first")
+    why = unfinished(d, rows)
+    if why:
+        parser.error(f"{d}: the sweep is not complete ({why}): let every shard finish, or re-run sweep.sh")
     depths = {r["depth"] for r in rows}
     base_width = next((r["base_width"] for r in rows if r["mode"] == "mup"), 0)
     if len(depths) != 1 or not base_width:

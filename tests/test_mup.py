@@ -93,6 +93,8 @@ def test_expected_slopes_table():
            "mlp.c_fc": (1.0, 1.0), "mlp.c_proj": (1.0, 1.0), "embedding": (1.0, 0.0), "readout": (0.0, 1.0),
            "scalar": (0.0, 0.0), "head_dim": 0.0}
     assert expected_slope("act/logits", mha) == 0.0
+    assert expected_slope("act/logits", mha, step=0) == expected_slope("act/target_logit", mha, step=0) == -0.5
+    assert expected_slope("dw_rms/scalar", mha, step=1) is None and expected_slope("dw_rms/scalar", mha, step=2) == 0
     assert expected_slope("dw_rms/attn.c_q", mha, "muon") == (-1.0, -0.5)  # rank-dependent
     assert expected_slope("dw_spec/mlp.c_fc", mha, "muon") == 0.0
     assert expected_slope("dw_rms/mlp.c_fc", mha, "adamw") == -1.0

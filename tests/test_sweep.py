@@ -152,6 +152,18 @@ def test_payoff_runs_the_three_arms_with_their_tuned_values(swept, tmp_path):
     bad = subprocess.run(cmd[:5] + ["--seeds", "5", "--out", str(pay)], env=env(PYTHONPATH=ROOT),
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--seeds" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    # a sweep with a shard still running (a run without DONE) or a point not run yet is refused, not fitted
+    run = sorted(out.glob("sp_d1_w32_*"))[0]
+    (run / "DONE").rename(run / "DONE.bak")
+    r3 = subprocess.run(cmd + ["--report-only"], env=env(PYTHONPATH=ROOT), capture_output=True, text=True, timeout=60)
+    assert r3.returncode == 2 and "not finished" in r3.stderr and len(r3.stderr.strip().splitlines()) == 1, r3.stderr
+    (run / "DONE.bak").rename(run / "DONE")
+    extra = out / (run.name[:-1] + "1")  # a seed-1 run at one multiplier only: the other seed-1 points are missing
+    shutil.copytree(run, extra)
+    (extra / "point.json").write_text(json.dumps({**json.load(open(run / "point.json")), "seed": 1}))
+    r3 = subprocess.run(cmd + ["--report-only"], env=env(PYTHONPATH=ROOT), capture_output=True, text=True, timeout=60)
+    shutil.rmtree(extra)
+    assert r3.returncode == 2 and "sp width 32 has no run" in r3.stderr, r3.stderr
 
 
 def test_depth_rule_axis_runs_each_alpha_and_the_depth_report_reads_it(corpus, tmp_path):

@@ -72,7 +72,8 @@ def plot(meta, summary, path):
     plt.close(fig)
 
 
-lines, report, recs, widest = [], {}, [], 0
+lines, report, recs, widest = [], {}, {}, 0
+swept = {o for d in args.dirs for o in json.load(open(os.path.join(d, "sweep.json")))["options"]}
 for d in args.dirs:
     meta, rows = read_runs(d)
     if "alphas" in meta:  # optima over depth, not width
@@ -80,10 +81,14 @@ for d in args.dirs:
     if not rows:
         parser.error(f"{d}: no finished runs yet: run scripts/sweep.sh first")
     summary = summarize(rows, args.metric, args.n_boot)
-    png = os.path.join(out_dir, f"transfer_{meta['hp']}.png")
+    # a second sweep of one hyperparameter (a tuning pass with the other groups at their tuned values) gets its own
+    # key and plot, and overrides the first in the recommendation, as in payoff.py
+    n = sum(k == meta["hp"] or k.startswith(meta["hp"] + "_pass") for k in report)
+    key = f"{meta['hp']}_pass{n + 1}" if n else meta["hp"]
+    png = os.path.join(out_dir, f"transfer_{key}.png")
     plot(meta, summary, png)
     widest = max(widest, max(r["width"] for r in rows))
-    lines += [f"## {meta['hp']} ({d})", "", f"Base {meta['base']}; base_train options: `{shlex.join(meta['extra'])}`; "
+    lines += [f"## {key} ({d})", "", f"Base {meta['base']}; base_train options: `{shlex.join(meta['extra'])}`; "
               f"{len(rows)} runs ({sum(r['diverged'] for r in rows)} diverged); metric {args.metric}; plot "
               f"`{os.path.basename(png)}`.", "",
               "| mode | depth | width | seeds | fitted optimum (log2) [95% CI] | best loss |",
@@ -97,11 +102,12 @@ for d in args.dirs:
         lines.append(f"- {mode} depth {dep}: slope of log2 optimum vs log2 width {fmt(s['slope'], s['slope_ci'])}; "
                      f"wider is better (best loss falls with width): {s['wider_is_better']}")
     lines.append("")
-    report[meta["hp"]] = dict(dir=d, meta=meta, summary={f"{m} {dep}": s for (m, dep), s in summary.items()})
+    report[key] = dict(dir=d, meta=meta, summary={f"{m} {dep}": s for (m, dep), s in summary.items()})
     mup = sorted(k for k in summary if k[0] == "mup")  # the muP runs, at the first depth (no depth rule yet)
     if mup:
         base_width = next(r["base_width"] for r in rows if r["mode"] == "mup")
-        recs.append((meta, summary[mup[0]], mup[0][1], base_width))
+        recs.pop(meta["hp"], None)  # re-inserted last: the command lists the groups in the order of their last pass
+        recs[meta["hp"]] = (key, meta, summary[mup[0]], mup[0][1], base_width)
     else:
         lines += [f"No muP runs in {d}: nothing to recommend for {meta['hp']}.", ""]
 
@@ -112,14 +118,16 @@ target = args.target_width or 4 * widest
 cmd = None
 if recs:
     rec_args = []
-    for meta, s, _, _ in recs:
-        x, how = recommend(s, recs[0][3], target)
-        report[meta["hp"]].update(recommended_log2=x, recommended_how=how)
+    first = next(iter(recs.values()))
+    for key, meta, s, _, _ in recs.values():
+        x, how = recommend(s, first[4], target)
+        report[key].update(recommended_log2=x, recommended_how=how)
         if math.isfinite(x):
             rec_args += [a for o, v in meta["base"].items() for a in (o, f"{v * 2.0 ** x:.4g}")]
-        lines.append(f"- {meta['hp']}: recommended log2 multiplier at width {target}: {fmt(x)} ({how})")
-    meta, _, depth, base_width = recs[0]
-    if any((m["extra"], bw) != (meta["extra"], base_width) for m, _, _, bw in recs):
+        lines.append(f"- {key}: recommended log2 multiplier at width {target}: {fmt(x)} ({how})")
+    _, meta, _, depth, base_width = first
+    if any((drop_options(m["extra"], swept), bw) != (drop_options(meta["extra"], swept), base_width)
+           for _, m, _, _, bw in recs.values()):
         lines.append("- WARNING: the sweeps differ in base_train options or base width: the command uses the first's")
     cmd = shlex.join(["python", "scripts/base_train.py", "--n-embd", str(target), "--depth", str(depth),
                       "--mup-base-width", str(base_width), *drop_options(meta["extra"], set(rec_args[::2])), *rec_args])

@@ -100,6 +100,24 @@ def test_report_files_and_recommended_command(swept, corpus, tmp_path):
                          cwd=ROOT, env=env(PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.load(open(tmp_path / "big" / "config.json"))["model_config"]["n_embd"] == 128
+    # a second pass of the same hyperparameter: its own section and plot, and it alone sets the recommended value
+    second = tmp_path / "pass2"
+    second.mkdir()
+    shutil.copy(out / "sweep.json", second / "sweep.json")
+    for run in out.glob("mup_*"):
+        shutil.copytree(run, second / run.name)
+        m = [json.loads(line) for line in open(second / run.name / "metrics.jsonl")]
+        m[-1]["val_bpb"] = 1.0 if json.load(open(run / "point.json"))["x"] == 1 else 2.0  # best at x = 1
+        (second / run.name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in m))
+    r2 = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "transfer_report.py"), str(out), str(second),
+                         "--out", str(rep), "--n-boot", "50"], env=env(PYTHONPATH=ROOT), capture_output=True,
+                        text=True, timeout=120)
+    assert r2.returncode == 0, r2.stderr
+    report = json.load(open(rep / "report.json"))
+    assert report["sweeps"]["matrix_lr_pass2"]["recommended_log2"] == pytest.approx(1)
+    assert (rep / "transfer_matrix_lr_pass2.png").exists()
+    cmd = shlex.split(report["command"])
+    assert cmd.count("--matrix-lr") == 1 and cmd[cmd.index("--matrix-lr") + 1] == f"{0.02 * 2.0:.4g}"
 
 
 def test_payoff_runs_the_three_arms_with_their_tuned_values(swept, tmp_path):

@@ -127,6 +127,11 @@ def drop_options(opts, names):
 # reading run directories
 
 
+def swept_options(sweep_dirs):
+    """Every base_train option some sweep in `sweep_dirs` varies: drop these before comparing sweeps' options."""
+    return {o for d in sweep_dirs for o in json.load(open(os.path.join(d, "sweep.json")))["options"]}
+
+
 def read_runs(sweep_dir):
     """One row per finished point of a sweep directory (the ones with a DONE marker): mode, width, depth, seed, x
     (log2 multiplier), val_bpb (the final evaluation) and train_loss (mean of the last 10% of steps).

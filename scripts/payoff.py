@@ -47,7 +47,7 @@ for d in args.dirs:
 
 import numpy as np  # noqa: E402
 
-from nanochat.transfer import drop_options, read_runs, summarize  # noqa: E402
+from nanochat.transfer import drop_options, read_runs, summarize, swept_options  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,7 +55,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tuned values from the sweeps
 
 
-swept = {o for d in args.dirs for o in json.load(open(os.path.join(d, "sweep.json")))["options"]}
+swept = swept_options(args.dirs)
 
 
 def unfinished(d, rows):

@@ -33,7 +33,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from nanochat.transfer import drop_options, read_runs, recommend, summarize  # noqa: E402
+from nanochat.transfer import drop_options, read_runs, recommend, summarize, swept_options  # noqa: E402
 
 out_dir = args.out or args.dirs[0]
 os.makedirs(out_dir, exist_ok=True)
@@ -73,7 +73,7 @@ def plot(meta, summary, path):
 
 
 lines, report, recs, widest = [], {}, {}, 0
-swept = {o for d in args.dirs for o in json.load(open(os.path.join(d, "sweep.json")))["options"]}
+swept = swept_options(args.dirs)
 for d in args.dirs:
     meta, rows = read_runs(d)
     if "alphas" in meta:  # optima over depth, not width

@@ -359,7 +359,7 @@ def generation_model():
     # prefill through the Triton kernel and the decode steps through SDPA, on CPU both through SDPA
     model = build(DEVICE, n_layer=3, window_pattern="SSL", n_head=4, n_kv_head=2, n_embd=128)
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # random lm_head and out-projections: zero-init ones would make every logit equal
+    with torch.no_grad():  # zero out-projections would hide attention, the 0.001 readout flatten every logit
         for name, p in model.named_parameters():
             if name == "lm_head.weight" or name.endswith("c_proj.weight"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)

@@ -79,6 +79,18 @@ def test_sweep_refuses_bad_arguments_in_one_line(corpus, tmp_path, bad, message)
     assert not (tmp_path / "s").exists()
 
 
+def second_pass(out, dest, pattern):
+    """A fake second tuning pass of the sweep in `out`: copies of its runs matching `pattern`, best at x = 1."""
+    dest.mkdir()
+    shutil.copy(out / "sweep.json", dest / "sweep.json")
+    for run in out.glob(pattern):
+        shutil.copytree(run, dest / run.name)
+        m = [json.loads(line) for line in open(dest / run.name / "metrics.jsonl")]
+        m[-1]["val_bpb"] = 1.0 if json.load(open(run / "point.json"))["x"] == 1 else 2.0
+        (dest / run.name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in m))
+    return dest
+
+
 def test_report_files_and_recommended_command(swept, corpus, tmp_path):
     out, _ = swept
     rep = tmp_path / "report"
@@ -101,14 +113,7 @@ def test_report_files_and_recommended_command(swept, corpus, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.load(open(tmp_path / "big" / "config.json"))["model_config"]["n_embd"] == 128
     # a second pass of the same hyperparameter: its own section and plot, and it alone sets the recommended value
-    second = tmp_path / "pass2"
-    second.mkdir()
-    shutil.copy(out / "sweep.json", second / "sweep.json")
-    for run in out.glob("mup_*"):
-        shutil.copytree(run, second / run.name)
-        m = [json.loads(line) for line in open(second / run.name / "metrics.jsonl")]
-        m[-1]["val_bpb"] = 1.0 if json.load(open(run / "point.json"))["x"] == 1 else 2.0  # best at x = 1
-        (second / run.name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in m))
+    second = second_pass(out, tmp_path / "pass2", "mup_*")
     r2 = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "transfer_report.py"), str(out), str(second),
                          "--out", str(rep), "--n-boot", "50"], env=env(PYTHONPATH=ROOT), capture_output=True,
                         text=True, timeout=120)
@@ -153,14 +158,7 @@ def test_payoff_runs_the_three_arms_with_their_tuned_values(swept, tmp_path):
                           env=env(PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
     assert more.returncode == 0 and "mup: 2/3" in more.stdout, more.stdout  # counts only the seeds asked for
     # a second pass of the same hyperparameter overrides the first where it has runs (here: muP at the base width)
-    second = tmp_path / "pass2"
-    second.mkdir()
-    shutil.copy(out / "sweep.json", second / "sweep.json")
-    for run in out.glob("mup_d1_w16_*"):
-        shutil.copytree(run, second / run.name)
-        m = [json.loads(line) for line in open(second / run.name / "metrics.jsonl")]
-        m[-1]["val_bpb"] = 1.0 if json.load(open(run / "point.json"))["x"] == 1 else 2.0  # best at x = 1
-        (second / run.name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in m))
+    second = second_pass(out, tmp_path / "pass2", "mup_d1_w16_*")
     r2 = subprocess.run(cmd[:3] + [str(second)] + cmd[3:] + ["--report-only"], env=env(PYTHONPATH=ROOT),
                         capture_output=True, text=True, timeout=120)
     assert r2.returncode == 0, r2.stderr

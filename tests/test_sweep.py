@@ -198,7 +198,14 @@ def test_depth_rule_axis_runs_each_alpha_and_the_depth_report_reads_it(corpus, t
                         str(rep)], env=env(PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert sum(line.startswith("| muon | ") for line in open(f"{rep}.md")) == 2  # 2 rules x 1 depth
-    assert set(json.load(open(f"{rep}.json"))["spread"]) == {"muon/none", "muon/completep"}
+    assert set(json.load(open(f"{rep}.json"))["spread"]) == {"muon/none/w16", "muon/completep/w16"}
+    other = tmp_path / "other"  # the same sweep from another base LR: its multipliers mean other LRs
+    shutil.copytree(out, other)
+    meta = json.load(open(other / "sweep.json"))
+    (other / "sweep.json").write_text(json.dumps({**meta, "base": {k: 2 * v for k, v in meta["base"].items()}}))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "depth_sweep_report.py"), str(out), str(other),
+                        "--out", str(rep)], env=env(PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "one base value" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = subprocess.run(SWEEP + sweep_args(corpus, tmp_path / "bad", alphas="0 1"), env=env(), capture_output=True,
                        text=True, timeout=60)  # sp and mup: a depth rule needs muP
     assert r.returncode == 2 and "pass --modes mup" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -211,6 +211,39 @@ def test_depth_rule_axis_runs_each_alpha_and_the_depth_report_reads_it(corpus, t
     assert r.returncode == 2 and "pass --modes mup" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def fake_depth_sweep(out, drift, depths=(2, 8, 32), mults=(-2, -1, 0, 1, 2, 3), seeds=(0, 1, 2)):
+    """Finished run directories of a Muon depth sweep whose loss is (x - drift * log2(depth / 2))^2 + seed noise."""
+    rng = np.random.default_rng(1)
+    os.makedirs(out)
+    (out / "sweep.json").write_text(json.dumps({"hp": "matrix_lr", "options": ["--matrix-lr"],
+                                                "base": {"--matrix-lr": 0.02}, "extra": [], "alphas": [0.0]}))
+    for d in depths:
+        for x in mults:
+            for s in seeds:
+                run = out / f"mup_d{d}_w64_x{x}_s{s}_a0"
+                os.makedirs(run)
+                (run / "point.json").write_text(json.dumps(dict(mode="mup", depth=d, width=64, x=x, seed=s, alpha=0)))
+                args = dict(matrix_optimizer="muon", num_iterations=10, device_batch_size=2, sequence_len=8)
+                (run / "config.json").write_text(json.dumps({"args": args, "model_config": {"mup_base_width": 64}}))
+                loss = (x - drift * math.log2(d / 2)) ** 2 + 0.05 * rng.normal()
+                (run / "metrics.jsonl").write_text(json.dumps({"step": 10, "train_loss": loss, "val_bpb": loss}) + "\n")
+                (run / "DONE").write_text("ok\n")
+
+
+@pytest.mark.parametrize("drift", [0.0, 0.5])
+def test_depth_report_recovers_a_known_optimum_drift_with_depth(tmp_path, drift):
+    fake_depth_sweep(tmp_path / "sweep", drift)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "depth_sweep_report.py"), str(tmp_path / "sweep"),
+                        "--out", str(tmp_path / "rep")], env=env(PYTHONPATH=ROOT), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    rep = json.load(open(tmp_path / "rep.json"))
+    b, lo, hi = rep["slopes"]["muon/none/w64"]
+    assert b == pytest.approx(drift, abs=0.1) and lo <= drift <= hi and hi - lo < 0.5
+    assert (lo > 0) == (drift > 0)  # a real drift is told from none
+    assert [r["depth"] for r in rep["rows"]] == [2, 8, 32] and all(r["base_bpb"] == r["mean_bpb"][2] for r in rep["rows"])
+
+
 def test_fit_recovers_a_known_optimum_drift_and_its_interval():
     # loss = (x - x*(w))^2 + seed noise, with x*(w) = 0.5 * log2(w / 64): slope 0.5; a diverged point counts as +inf
     assert fit_optimum([-1, 0, 1, 2], [2.25, 0.25, 0.25, 2.25]) == pytest.approx(0.5)

@@ -102,9 +102,10 @@ for job in "${JOBS[@]}"; do
     [[ "$mode" == mup ]] && mup=(--mup-base-width "$BASE" "${depth_rule[@]}")
     t0=$(date +%s)
     rc=0
-    # shellcheck disable=SC2086  # LAUNCH and the planned options are word lists
+    # shellcheck disable=SC2086  # LAUNCH and the planned options are word lists; the swept value goes last, after
+    # the base value given after -- (argparse keeps the last)
     PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" $LAUNCH scripts/base_train.py --n-embd "$width" --depth "$depth" \
-        --seed "$seed" --out-dir "$run" "${mup[@]}" ${SWEPT[$x]} "$@" > "$run/train.log" 2>&1 || rc=$?
+        --seed "$seed" --out-dir "$run" "${mup[@]}" "$@" ${SWEPT[$x]} > "$run/train.log" 2>&1 || rc=$?
     case $rc in
         0) status=ok ;;
         3) status=diverged ;;

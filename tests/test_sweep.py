@@ -55,6 +55,16 @@ def test_sweep_runs_every_point_once_with_the_swept_value(swept):
         assert cfg["model_config"]["mup_base_width"] == (16 if point["mode"] == "mup" else 0)
 
 
+def test_a_base_value_given_after_the_separator_is_scaled_not_kept(corpus, tmp_path):
+    # the documented way to set the base (--matrix-lr V after --) must not override the swept value of every point
+    args = sweep_args(corpus, tmp_path / "base", widths="16", mults="-1 1", modes="mup") + ["--matrix-lr", "0.01"]
+    r = subprocess.run(SWEEP + args, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lrs = {json.load(open(run / "point.json"))["x"]: json.load(open(run / "config.json"))["args"]["matrix_lr"]
+           for run in (tmp_path / "base").iterdir() if run.is_dir()}
+    assert lrs == {-1: pytest.approx(0.005), 1: pytest.approx(0.02)}
+
+
 def test_sweep_resumes_and_restarts_a_killed_run(swept, corpus):
     out, _ = swept
     killed = out / "mup_d1_w32_x1_s0"

@@ -128,8 +128,8 @@ for ax, (setup, rule) in zip(axes[0], panels):
         line, = ax.plot(xs, ys, marker="o", lw=1, label=f"width {key[2]}, depth {key[3]}")
         opt = next(r["opt"] for r in rows if (r["setup"], r["rule"], r["width"], r["depth"]) == key)
         ax.axvline(opt, color=line.get_color(), ls=":", lw=0.8)
-    ax.set_title(f"{setup}, {'no depth rule' if rule == 'none' else rule.replace('completep', 'CompleteP alpha=1')}",
-                 fontsize=9)
+    title = {"none": "no depth rule", "completep": "CompleteP alpha=1", "alpha=0.5": "Depth-muP alpha=0.5"}
+    ax.set_title(f"{setup}, {title.get(rule, rule)}", fontsize=9)
     ax.set_xlabel("log2 LR multiplier", fontsize=8)
     ax.legend(fontsize=7)
 axes[0][0].set_ylabel("final val bits per byte", fontsize=8)

@@ -100,13 +100,13 @@ for r in rows:
 spread, slopes = {}, {}
 for setup, rule, w in sorted({(r["setup"], r["rule"], r["width"]) for r in rows}):
     opts = [r["opt"] for r in rows if (r["setup"], r["rule"], r["width"]) == (setup, rule, w)]
+    if len(opts) < 2:
+        continue
     spread[f"{setup}/{rule}/w{w}"] = max(opts) - min(opts)
-    line = f"\n{setup}, {rule}, width {w}: optimum spread over depths {max(opts) - min(opts):.2f} (log2)"
-    if len(opts) > 1:
-        slopes[f"{setup}/{rule}/w{w}"] = b, lo, hi = depth_slope({k[3]: c for k, c in seed_curves.items()
-                                                                   if k[:3] == (setup, rule, w)})
-        line += f"; slope of the optimum vs log2 depth {b:+.2f} [{lo:+.2f}, {hi:+.2f}] (95% bootstrap over seeds)"
-    lines.append(line)
+    slopes[f"{setup}/{rule}/w{w}"] = b, lo, hi = depth_slope({k[3]: c for k, c in seed_curves.items()
+                                                               if k[:3] == (setup, rule, w)})
+    lines.append(f"\n{setup}, {rule}, width {w}: optimum spread over depths {max(opts) - min(opts):.2f} (log2); slope "
+                 f"of the optimum vs log2 depth {b:+.2f} [{lo:+.2f}, {hi:+.2f}] (95% bootstrap over seeds)")
 text = "\n".join(lines)
 print(text)
 os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

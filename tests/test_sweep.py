@@ -208,7 +208,7 @@ def test_depth_rule_axis_runs_each_alpha_and_the_depth_report_reads_it(corpus, t
                         str(rep)], env=env(PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert sum(line.startswith("| muon | ") for line in open(f"{rep}.md")) == 2  # 2 rules x 1 depth
-    assert set(json.load(open(f"{rep}.json"))["spread"]) == {"muon/none/w16", "muon/completep/w16"}
+    assert json.load(open(f"{rep}.json"))["spread"] == {}  # one depth: nothing to spread over
     other = tmp_path / "other"  # the same sweep from another base LR: its multipliers mean other LRs
     shutil.copytree(out, other)
     meta = json.load(open(other / "sweep.json"))
@@ -249,6 +249,7 @@ def test_depth_report_recovers_a_known_optimum_drift_with_depth(tmp_path, drift)
     assert r.returncode == 0, r.stderr
     rep = json.load(open(tmp_path / "rep.json"))
     b, lo, hi = rep["slopes"]["muon/none/w64"]
+    assert set(rep["spread"]) == {"muon/none/w64"}
     assert b == pytest.approx(drift, abs=0.1) and lo <= drift <= hi and hi - lo < 0.5
     assert (lo > 0) == (drift > 0)  # a real drift is told from none
     assert [r["depth"] for r in rep["rows"]] == [2, 8, 32] and all(r["base_bpb"] == r["mean_bpb"][2] for r in rep["rows"])

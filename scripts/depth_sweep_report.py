@@ -2,11 +2,12 @@
 Depth LR transfer report of scripts/sweep.sh directories with a depth-rule axis (--alphas): final val bits per byte
 per (setup, depth rule, width, depth, log2 multiplier, seed), the fitted optimum per (width, depth) (parabola through
 the best grid point and its neighbours, on the seed-mean; per seed for the error), the loss at the base value (the
-value a transferred run uses when the sweep is centred on it), the optimum's spread over depths, and a plot.
+value a transferred run uses when the sweep is centred on it), the optimum's spread over depths and its slope vs
+log2 depth with a bootstrap interval, and a plot.
 
     bash scripts/sweep.sh --hp matrix_lr --out runs/depth_sweep_muon --modes mup --widths 128 --depths "2 4 8" \
         --alphas "0 1" --mults "-2 -1 0 1 2" --seeds 0 -- --matrix-optimizer muon --head-dim 32 ...
-    python scripts/depth_sweep_report.py runs/depth_sweep_muon runs/depth_sweep_adamw --out dev/depth_transfer
+    python scripts/depth_sweep_report.py runs/depth_sweep_muon --out runs/depth_transfer
 """
 
 import datetime
@@ -19,7 +20,7 @@ from nanochat.common import ArgParser
 
 parser = ArgParser(description="depth LR transfer report")
 parser.add("dirs", nargs="+", help="sweep directories written by scripts/sweep.sh with --alphas")
-parser.add("--out", default="dev/depth_transfer", help="writes OUT.json, OUT.md and OUT.png")
+parser.add("--out", default="runs/depth_transfer", help="writes OUT.json, OUT.md and OUT.png")
 args = parser.parse_args()
 for d in args.dirs:
     if not os.path.isfile(os.path.join(d, "sweep.json")):

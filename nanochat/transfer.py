@@ -229,13 +229,14 @@ def summarize(rows, metric="val_bpb", n_boot=1000, seed=0):
         best = [min(ys) for ys in means]
         out[mode, depth] = dict(
             widths=widths, xs=[c[0] for c in curves], means=means, n_seeds=[len(c[1]) for c in curves],
-            optima=optima, optima_ci=[_ci(boot[:, j]) for j in range(len(widths))],
-            slope=slope(widths, optima), slope_ci=_ci(boot_slopes), best=best,
+            optima=optima, optima_ci=[ci95(boot[:, j]) for j in range(len(widths))],
+            slope=slope(widths, optima), slope_ci=ci95(boot_slopes), best=best,
             wider_is_better=all(b < a for a, b in zip(best, best[1:])) if len(widths) > 1 else None)
     return out
 
 
-def _ci(v):
+def ci95(v):
+    """95% percentile interval of the finite values of v (bootstrap replicates); nan, nan if there are none."""
     v = v[np.isfinite(v)]
     return [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) else [math.nan, math.nan]
 

@@ -28,7 +28,7 @@ for d in args.dirs:
 
 import numpy as np  # noqa: E402
 
-from nanochat.transfer import fit_optimum, read_runs, slope  # noqa: E402
+from nanochat.transfer import ci95, fit_optimum, mean_curve, read_runs, slope  # noqa: E402
 
 
 def rule_name(alpha):
@@ -61,33 +61,32 @@ def depth_slope(per_depth, n_boot=1000, seed=0):
     depth; nan with one seed). per_depth: {depth: (mults, Y[seed, mult])}."""
     rng = np.random.default_rng(seed)
     depths = sorted(per_depth)
-    point = slope(depths, [fit_optimum(m, Y.mean(0)) for m, Y in map(per_depth.get, depths)])
+    point = slope(depths, [fit_optimum(m, mean_curve(Y)) for m, Y in map(per_depth.get, depths)])
     if min(len(per_depth[d][1]) for d in depths) < 2:
         return point, math.nan, math.nan
-    boot = np.array([slope(depths, [fit_optimum(m, Y[rng.integers(0, len(Y), len(Y))].mean(0))
+    boot = np.array([slope(depths, [fit_optimum(m, mean_curve(Y[rng.integers(0, len(Y), len(Y))]))
                                     for m, Y in map(per_depth.get, depths)]) for _ in range(n_boot)])
-    lo, hi = np.percentile(boot[np.isfinite(boot)], [2.5, 97.5])
-    return point, float(lo), float(hi)
+    return (point, *ci95(boot))
 
 
 res, settings = load(args.dirs)
 if not res:
     parser.error(f"{args.dirs[0]}: no finished runs yet: run scripts/sweep.sh first")
-rows, curves, seed_curves = [], {}, {}
+rows, curves = [], {}  # curves: {(setup, rule, width, depth): (mults, Y[seed, mult])}
 for key in sorted({k[:4] for k in res}):
     setup, rule, w, d = key
     mults = sorted({k[4] for k in res if k[:4] == key})
     seeds = sorted({k[5] for k in res if k[:4] == key})
     full = [s for s in seeds if all((*key, m, s) in res for m in mults)]
-    mean = [statistics.mean(res[(*key, m, s)] for s in full) for m in mults]
+    Y = np.array([[res[(*key, m, s)] for m in mults] for s in full])
+    mean = mean_curve(Y)
     opt = fit_optimum(mults, mean)
-    per_seed = [fit_optimum(mults, [res[(*key, m, s)] for m in mults]) for s in full]
+    per_seed = [fit_optimum(mults, y) for y in Y]
     rows.append(dict(setup=setup, rule=rule, width=w, depth=d, seeds=len(full), mults=mults, mean_bpb=mean, opt=opt,
                      opt_at_edge=opt in (mults[0], mults[-1]),
                      opt_seed_sd=statistics.stdev(per_seed) if len(per_seed) > 1 else None, best_bpb=min(mean),
                      base_bpb=mean[mults.index(0)] if 0 in mults else None))
-    curves[key] = (mults, mean)
-    seed_curves[key] = (mults, np.array([[res[(*key, m, s)] for m in mults] for s in full]))
+    curves[key] = (mults, Y)
 lines = [f"Depth LR transfer, {datetime.date.today()}: {len(res)} (setup, rule, width, depth, LR, seed) results from "
          f"`python scripts/depth_sweep_report.py {' '.join(args.dirs)} --out {args.out}`. " + "; ".join(settings) + ".",
          "", "| setup | depth rule | width | depth | seeds | fitted optimum (log2 x base) | seed sd | best val bpb | "
@@ -104,7 +103,7 @@ for setup, rule, w in sorted({(r["setup"], r["rule"], r["width"]) for r in rows}
     if len(opts) < 2:
         continue
     spread[f"{setup}/{rule}/w{w}"] = max(opts) - min(opts)
-    slopes[f"{setup}/{rule}/w{w}"] = b, lo, hi = depth_slope({k[3]: c for k, c in seed_curves.items()
+    slopes[f"{setup}/{rule}/w{w}"] = b, lo, hi = depth_slope({k[3]: c for k, c in curves.items()
                                                                if k[:3] == (setup, rule, w)})
     lines.append(f"\n{setup}, {rule}, width {w}: optimum spread over depths {max(opts) - min(opts):.2f} (log2); slope "
                  f"of the optimum vs log2 depth {b:+.2f} [{lo:+.2f}, {hi:+.2f}] (95% bootstrap over seeds)")
@@ -125,8 +124,8 @@ panels = sorted({k[:2] for k in curves})
 fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, sharey=True)
 for ax, (setup, rule) in zip(axes[0], panels):
     for key in sorted(k for k in curves if k[:2] == (setup, rule)):
-        xs, ys = curves[key]
-        line, = ax.plot(xs, ys, marker="o", lw=1, label=f"width {key[2]}, depth {key[3]}")
+        xs, Y = curves[key]
+        line, = ax.plot(xs, mean_curve(Y), marker="o", lw=1, label=f"width {key[2]}, depth {key[3]}")
         opt = next(r["opt"] for r in rows if (r["setup"], r["rule"], r["width"], r["depth"]) == key)
         ax.axvline(opt, color=line.get_color(), ls=":", lw=0.8)
     title = {"none": "no depth rule", "completep": "CompleteP alpha=1", "alpha=0.5": "Depth-muP alpha=0.5"}

@@ -4,43 +4,121 @@ The two configs, torch-free so scripts can build and check them before importing
 - GPTConfig: the model (the only model config), with the muP / depth base it was tuned at and the forward
   multipliers that follow from it (attention scale, logit multiplier, residual branch multiplier). The
   per-parameter muP rules (init, LR, eps, weight decay, Muon update scale) are in gpt.py's rules section.
-- OptimConfig: the optimizer hyperparameters and their defaults, the one home for them. GPT.param_rules turns them
-  into per-parameter values (muP: they are the values at the base shape, tuned on the proxy); base_train takes
-  its option defaults and help from here, the sweep planner (transfer.py) its base values. The defaults are
-  nanochat's: Muon 0.02 on hidden matrices (AdamW 0.003 in the all-AdamW setup), AdamW elsewhere.
+- OptimConfig: the optimizer hyperparameters, their defaults and the schedules, the one home for them.
+  GPT.param_rules turns them into per-parameter values (muP: they are the values at the base shape, tuned on the
+  proxy); base_train takes its option defaults and help from here, the sweep planner (transfer.py) its base values.
+
+Both default to nanochat's recipe (karpathy/nanochat master, 92d63d4): its model features (value embeddings,
+smear and backout gates, per-layer residual-scalar ramps, QK gain, SSSL windows) and its optimizer (Polar Express
++ NorMuon + cautious, cosine-scheduled weight decay on Muon; its per-group AdamW settings; its LR and momentum
+schedules). Each feature is a field, so it can be switched off.
 """
 
 import math
 from dataclasses import dataclass, field, replace
 
 MATRIX_LR = {"muon": 0.02, "adamw": 0.003}  # hidden-matrix LR by optimizer
+# nanochat's AdamW groups (gpt.py: setup_optimizer): betas and decoupled weight decay per role. Not scheduled and
+# not tied to `weight_decay` (that is the matrices'); the value embeddings train at half the embedding LR.
+ADAMW_GROUPS = {
+    "embedding": dict(betas=(0.8, 0.995), wd=0.001),
+    "value_emb": dict(betas=(0.8, 0.995), wd=0.01),
+    "readout": dict(betas=(0.8, 0.96), wd=0.01),
+    "resid_lambdas": dict(betas=(0.8, 0.95), wd=0.05),
+    "x0_lambdas": dict(betas=(0.96, 0.95), wd=0.0),
+    "gate": dict(betas=(0.8, 0.95), wd=0.0),
+    "matrix": dict(betas=(0.8, 0.95), wd=None),  # the all-AdamW setup's matrices: `weight_decay`
+}
+VALUE_EMB_LR_MULT = 0.5
+VE_GATE_CHANNELS = 12  # the value-embedding gate reads the first 12 channels of the block input (nanochat)
+SMEAR_CHANNELS = 24  # the smear gate reads the first 24 channels of the normalised embedding (nanochat)
 
 
 @dataclass
 class OptimConfig:
-    """Optimizer hyperparameters at the base shape (GPT.param_rules derives every parameter's values from them)."""
+    """Optimizer hyperparameters at the base shape and the schedules (GPT.param_rules derives every parameter's
+    values from them; base_train applies the schedules each step)."""
 
     matrix_optimizer: str = field(default="muon", metadata=dict(help="optimizer for hidden matrices"))
     matrix_lr: float = field(default=None, metadata=dict(
         help=f"hidden-matrix LR (default: muon {MATRIX_LR['muon']}, adamw {MATRIX_LR['adamw']})"))
-    embedding_lr: float = field(default=0.2, metadata=dict(help="AdamW LR of the token embedding (the Muon setup "
-                                                                "scales it by (width / 768)^-0.5; muP: base width)"))
-    unembedding_lr: float = field(default=0.004, metadata=dict(help="AdamW LR of lm_head (scaled as the embedding's)"))
+    embedding_lr: float = field(default=0.3, metadata=dict(help="AdamW LR of the token embedding (value embeddings: "
+                                                                "half of it; the Muon setup scales both by (width / "
+                                                                "768)^-0.5; muP: base width)"))
+    unembedding_lr: float = field(default=0.008, metadata=dict(help="AdamW LR of lm_head (scaled as the embedding's)"))
     scalar_lr: float = field(default=0.5, metadata=dict(help="AdamW LR of x0_lambdas (resid_lambdas: 0.01 x it)"))
-    weight_decay: float = field(default=0.0, metadata=dict(help="decoupled weight decay of matrices and lm_head"))
-    adam_betas: tuple = (0.8, 0.95)
+    gate_lr: float = field(default=0.2, metadata=dict(help="AdamW LR of the smear gate and the smear / backout "
+                                                          "lambdas (not width-scaled)"))
+    weight_decay: float = field(default=0.28, metadata=dict(help="decoupled weight decay of the hidden matrices "
+                                                                 "(Muon: cautious); the other groups: nanochat's fixed "
+                                                                 "values"))
     adam_eps: float = 1e-10
-    muon_momentum: float = 0.95
+    # Muon: NorMuon variance reduction (Li et al. 2025, arXiv 2510.05491), 0 = off; MuonEq row equilibration before
+    # the orthogonalisation; Muon+ renormalisation of the polar factor's Frobenius norm to sqrt(min(rows, cols));
+    # cautious weight decay (decay only where update and weight agree in sign)
+    normuon_beta2: float = field(default=0.9, metadata=dict(help="NorMuon second-moment EMA (0 = off)"))
+    muon_eq: bool = True
+    muon_renorm: bool = True
+    cautious_wd: bool = True
+    # schedules (nanochat's base_train): LR warmup steps, flat, linear warmdown over the last warmdown_ratio of the
+    # steps to final_lr_frac; Muon momentum momentum_start -> muon_momentum over momentum_warmup steps, then down to
+    # momentum_end over the warmdown; the matrices' weight decay times a cosine from 1 to 0 ("constant": off)
+    warmup_steps: int = field(default=40, metadata=dict(help="LR warmup steps (linear from 0)"))
+    warmdown_ratio: float = field(default=0.65, metadata=dict(help="fraction of the steps of linear LR decay at the "
+                                                                   "end"))
+    final_lr_frac: float = field(default=0.05, metadata=dict(help="LR at the end as a fraction of the peak"))
+    muon_momentum: float = 0.97
+    momentum_start: float = 0.85
+    momentum_warmup: int = 400
+    momentum_end: float = 0.90
+    wd_schedule: str = field(default="cosine", metadata=dict(help="the matrices' weight decay over the run: cosine "
+                                                                  "from 1 to 0, or constant"))
 
     def __post_init__(self):
         if self.matrix_optimizer not in MATRIX_LR:
             raise ValueError(f"matrix_optimizer={self.matrix_optimizer!r}: choose 'muon' or 'adamw'")
-        self.adam_betas = tuple(self.adam_betas)
+        if self.wd_schedule not in ("cosine", "constant"):
+            raise ValueError(f"wd_schedule={self.wd_schedule!r}: choose 'cosine' or 'constant'")
+        for name in ("normuon_beta2", "muon_momentum", "momentum_start", "momentum_end", "final_lr_frac",
+                     "warmdown_ratio"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be in [0, 1]")
 
     def hidden_lr(self):
         """matrix_lr, or when None the default of matrix_optimizer (kept None in the config, so that replacing the
         optimizer also replaces its default LR)."""
         return MATRIX_LR[self.matrix_optimizer] if self.matrix_lr is None else self.matrix_lr
+
+    # schedules: factors at 0-based `step` of `num_steps`
+
+    def lr_mult(self, step, num_steps):
+        """nanochat's LR schedule: linear warmup over warmup_steps, flat, then a linear warmdown over the last
+        warmdown_ratio of the steps to final_lr_frac (warmup wins where the two overlap, as in nanochat)."""
+        warmdown = round(self.warmdown_ratio * num_steps)
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if step < num_steps - warmdown:
+            return 1.0
+        frac = (num_steps - step) / warmdown
+        return frac + (1 - frac) * self.final_lr_frac
+
+    def momentum(self, step, num_steps):
+        """Muon momentum: momentum_start -> muon_momentum over the first momentum_warmup steps, then linearly down
+        to momentum_end over the LR warmdown (nanochat's; the warmup wins where the two overlap)."""
+        warmdown = round(self.warmdown_ratio * num_steps)
+        if step < self.momentum_warmup:
+            frac = step / self.momentum_warmup
+            return (1 - frac) * self.momentum_start + frac * self.muon_momentum
+        if warmdown and step >= num_steps - warmdown:
+            frac = (step - (num_steps - warmdown)) / warmdown
+            return (1 - frac) * self.muon_momentum + frac * self.momentum_end
+        return self.muon_momentum
+
+    def wd_mult(self, step, num_steps):
+        """Factor on the matrices' weight decay: cosine from 1 at step 0 to 0 at the end (nanochat), or 1."""
+        if self.wd_schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * step / num_steps))
 
 
 @dataclass
@@ -51,8 +129,19 @@ class GPTConfig:
     n_head: int = 4
     n_kv_head: int = 4
     n_embd: int = 256
-    window_pattern: str = "L"  # L = full causal, S = sequence_len // 2 past tokens; tiled, last layer L
+    window_pattern: str = "SSSL"  # L = full causal, S = short_window past tokens; tiled, last layer L
+    short_window: int = 0  # 0 = a quarter of sequence_len rounded up to whole 128-token tiles (nanochat)
     softcap: float = 15.0  # tanh logit cap; 0 disables it
+    # nanochat master's model features (each can be switched off)
+    value_embeds: bool = True  # value embeddings on alternating layers (the last included), gated into v
+    smear: bool = True  # the previous token's embedding mixed into each position through a gate
+    backout: bool = True  # a learned fraction of the middle layer's residual subtracted before the final norm
+    scalar_init: str = "ramp"  # resid/x0_lambdas: "ramp" 1.15 -> 1.05 and 0.20 -> 0.05 over the layers; "flat" 1, 0
+    qk_gain: float = 1.2  # q and k multiplied by this after QK-norm (sharper attention)
+    fc_init: float = 0.4  # c_fc's init std multiplier
+    embed_std: float = 0.8  # token embedding init std
+    rope_base: float = 100000.0  # rotary base
+    pad_vocab_to: int = 64  # embedding and lm_head rows rounded up to a multiple (1 = no padding)
     mup_base_width: int = 0  # 0 = SP; b > 0 = muP with width multiplier n_embd / b
     # the rest of the muP base (the model the hyperparameters were tuned at); 0 = resolved in __post_init__
     mup_base_head_dim: int = 0  # 0 = this head_dim (width grows through heads)
@@ -78,11 +167,23 @@ class GPTConfig:
             raise ValueError(f"GPTConfig head_dim={self.head_dim} (n_embd/n_head) must be even for rotary")
         if not self.window_pattern or set(self.window_pattern) - {"L", "S"}:
             raise ValueError(f"GPTConfig.window_pattern={self.window_pattern!r}: use only 'L' and 'S' characters")
+        for name in ("short_window", "pad_vocab_to"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (1 if name == "pad_vocab_to" else 0):
+                raise ValueError(f"GPTConfig.{name}={value!r}: must be an integer >= "
+                                 f"{1 if name == 'pad_vocab_to' else 0}")
+        if self.scalar_init not in ("ramp", "flat"):
+            raise ValueError(f"GPTConfig.scalar_init={self.scalar_init!r}: choose 'ramp' or 'flat'")
+        for name, channels in (("value_embeds", VE_GATE_CHANNELS), ("smear", SMEAR_CHANNELS)):
+            if getattr(self, name) and self.n_embd < channels:
+                raise ValueError(f"GPTConfig.{name}=True reads the first {channels} channels but n_embd="
+                                 f"{self.n_embd}: use a wider model or set {name}=False")
         if not isinstance(self.mup_base_width, int) or self.mup_base_width < 0:
             raise ValueError(f"GPTConfig.mup_base_width={self.mup_base_width!r}: must be 0 (SP) or a positive int")
-        for name in ("softcap", "attn_mult", "output_mult", "init_scale"):
+        for name in ("softcap", "attn_mult", "output_mult", "init_scale", "qk_gain", "fc_init", "embed_std",
+                     "rope_base"):
             value = getattr(self, name)
-            if not math.isfinite(value) or value < 0 or (value == 0 and name in ("output_mult", "init_scale")):
+            if not math.isfinite(value) or value < 0 or (value == 0 and name not in ("softcap", "attn_mult")):
                 raise ValueError(f"GPTConfig.{name}={value!r}: must be a finite positive number")
         self._resolve_mup_base()
         if self.attn_impl not in ("auto", "triton", "sdpa"):
@@ -176,14 +277,25 @@ class GPTConfig:
 
     @property
     def attn_scale(self):
-        # muP: q.k grows like head_dim once q and k correlate during training, so scale by 1/d (TP5 sec. 4)
-        return self.attn_mult / self.head_dim if self.use_mup else 1.0 / math.sqrt(self.head_dim)
+        """Scale of the attention logits q.k: qk_gain^2 (nanochat multiplies q and k by qk_gain after QK-norm) times
+        1/sqrt(d) under SP, attn_mult/d under muP (q.k grows like head_dim once q and k correlate, TP5 sec. 4)."""
+        base = self.attn_mult / self.head_dim if self.use_mup else 1.0 / math.sqrt(self.head_dim)
+        return self.qk_gain**2 * base
 
     @property
     def logit_mult(self):
         return self.output_mult / self.width_mult if self.use_mup else 1.0
 
+    @property
+    def padded_vocab(self):
+        """Rows of the embeddings and lm_head: vocab_size rounded up to pad_vocab_to (whole tensor-core tiles); the
+        padding rows are never looked up and never scored (the logits are cut back to vocab_size)."""
+        return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
+
     def windows(self):
-        """Per-layer left window (past tokens a query sees besides itself); None = full causal."""
+        """Per-layer left window (past tokens a query sees besides itself); None = full causal. S layers see
+        short_window tokens (default: a quarter of the context in whole 128-token tiles, as nanochat's FA3 tiles)."""
+        short = self.short_window or -(-self.sequence_len // 4 // 128) * 128
         pattern = (self.window_pattern * self.n_layer)[: self.n_layer]
-        return [self.sequence_len // 2 if c == "S" and i < self.n_layer - 1 else None for i, c in enumerate(pattern)]
+        return [short if c == "S" and i < self.n_layer - 1 and short < self.sequence_len - 1 else None
+                for i, c in enumerate(pattern)]

@@ -112,6 +112,13 @@ def measure_activations(model, x, y, emb0=None):
             key = f"h{li}.{mod}"
             hooks.append(block.get_submodule(mod).register_forward_hook(
                 lambda m, i, o, key=key: outs.__setitem__(key, o)))
+        if block.attn.ve_gate is not None:  # the value-embedding gate's logits and the value embedding itself
+            hooks.append(block.attn.ve_gate.register_forward_hook(
+                lambda m, i, o, key=f"h{li}.attn.ve_gate": outs.__setitem__(key, o)))
+            hooks.append(model.value_embeds[str(li)].register_forward_hook(
+                lambda m, i, o, key=f"h{li}.value_embed": outs.__setitem__(key, o)))
+    if model.config.smear:
+        hooks.append(model.smear_gate.register_forward_hook(lambda m, i, o: outs.__setitem__("smear_gate", o)))
     hooks.append(model.lm_head.register_forward_hook(lambda m, i, o: outs.__setitem__("lm_head", o)))
     was_training = model.training
     model.eval()
@@ -123,8 +130,8 @@ def measure_activations(model, x, y, emb0=None):
     for li in range(len(model.transformer.h)):
         stats[f"act/h{li}.attn.logits"] = attention_logits(model, outs[f"h{li}.attn.c_q"], outs[f"h{li}.attn.c_k"])
     stats["act/wte"] = rms(outs["wte"])
-    # logits after the muP multiplier, before the softcap (the hook sees the raw lm_head output)
-    z = outs["lm_head"].float() * model.config.logit_mult
+    # logits after the muP multiplier, before the softcap (the hook sees the raw lm_head output, padding included)
+    z = outs["lm_head"][..., :model.config.vocab_size].float() * model.config.logit_mult
     stats["act/logits"] = rms(z)
     # the target logit relative to the mean logit (softmax-invariant part): what training pushes up;
     # the whole-vocab mean |logit| is dominated by untrained directions and hides readout blow-up
@@ -261,7 +268,7 @@ def shape_slopes(slopes, mode="mup"):
     return {k: tuple(v) if isinstance(v, list) else v for k, v in out.items()}
 
 
-ADAMW_KINDS = ("embedding", "readout", "scalar")
+ADAMW_KINDS = ("embedding", "value_emb", "readout", "scalar", "gate")
 
 
 def expected_slope(quantity, shapes, matrix_optimizer="muon", step=1, decay=False):
@@ -298,10 +305,11 @@ def expected_slope(quantity, shapes, matrix_optimizer="muon", step=1, decay=Fals
         else:
             init = 0.0
         return init if step == 0 or init == 0 else (init, 0.0)
-    if kind == "scalar" and stat == "dw_rms" and step == 1:
+    if kind in ("scalar", "gate", "value_emb") and stat == "dw_rms" and step == 1:
         return None  # step 1: the stream is a multiple of x0 (c_proj is zero) under a scale-invariant final norm,
-        # so the scalars' gradient is 0 up to rounding (~1e-11 < eps) and their first update is rounding noise
-    if kind in ("readout", "scalar"):
+        # so the scalars' and the backout's gradient is 0 up to rounding (~1e-11 < eps) and their first update is
+        # rounding noise; the smear gate (smear_lambda = 0) and the value embeddings (behind c_proj) get none
+    if kind in ("readout", "scalar", "gate"):
         return 0.0
     s_out, s_in = shapes[kind]
     zero_init = kind.endswith("c_proj")
@@ -309,7 +317,7 @@ def expected_slope(quantity, shapes, matrix_optimizer="muon", step=1, decay=Fals
     spec = 0.5 * (s_out - s_in)
     adamw = kind in ADAMW_KINDS or matrix_optimizer == "adamw"
     dw_entries = (-s_in, -s_in) if adamw else (-s_in, -s_in + 0.5 * min(s_out, s_in))
-    if stat == "dw_rms" and decay and kind != "embedding":  # the embedding is never decayed
+    if stat == "dw_rms" and decay:
         dw_entries = (min(dw_entries[0], w_init), max(dw_entries[1], w_init))
     if stat == "dw_rms" or (stat == "w_rms" and zero_init and step > 0):
         return dw_entries[0] if dw_entries[0] == dw_entries[1] else dw_entries

@@ -8,11 +8,13 @@ import torch.nn.functional as F
 
 class KVCache:
     """Keys and values of every position seen so far, per layer, for generation (nanochat's engine, minus
-    batching): `pos` tokens are stored; GPT.forward appends its input's and advances `pos`."""
+    batching): `pos` tokens are stored; GPT.forward appends its input's and advances `pos`. `last_embedding`: the
+    last position's normalised token embedding, which the smear gate mixes into the next position."""
 
     def __init__(self, n_layer, max_len):
         self.max_len, self.pos = max_len, 0
         self.k, self.v = [None] * n_layer, [None] * n_layer
+        self.last_embedding = None
 
     def update(self, layer, k, v):
         """Store (B, T, H_kv, D) k, v at positions pos..pos+T-1 of `layer`; return the keys and values so far."""

@@ -6,10 +6,17 @@ checkpoints and the LR schedule want one object whose groups carry their muP rol
 stacks same-shape matrices to orthogonalise them in one batched call. The AdamW arithmetic itself is
 PyTorch's (`torch.optim.adamw.adamw`), so it matches torch.optim.AdamW exactly.
 
-Muon (Jordan et al. 2024): Nesterov momentum, then the orthogonal polar factor of the update via the
-Polar Express iteration (Amsel et al. 2025), scaled by the group's `update_scale` (GPT.param_rules: nanochat's
-max(1, fan_out/fan_in)^0.5 at the base shape, times sqrt(r_out/r_in) under muP) so its spectral norm follows the
-spectral condition ||dW||_2 ~ sqrt(fan_out/fan_in) (Yang, Simon & Bernstein 2023) and the LR is width-independent.
+Muon as nanochat master runs it (Jordan et al. 2024, and nanochat's additions), per stack of same-shape matrices:
+Nesterov momentum; MuonEq row equilibration (each row rescaled to the mean row norm, arXiv 2603.28254); the
+orthogonal polar factor via Polar Express (Amsel et al. 2025, arXiv 2505.16932); Muon+ renormalisation of its
+Frobenius norm to sqrt(min(rows, cols)), an exactly orthogonal matrix's (arXiv 2602.21545); NorMuon variance
+reduction (Li et al. 2025, arXiv 2510.05491: an EMA of each row's, or for wide matrices each column's, mean
+square, the update divided by its root and rescaled to its previous Frobenius norm); then the step, scaled by the
+group's `update_scale` (GPT.param_rules: nanochat's max(1, fan_out/fan_in)^0.5 at the base shape, times
+sqrt(r_out/r_in) under muP) so its spectral norm follows the spectral condition ||dW||_2 ~ sqrt(fan_out/fan_in)
+(Yang, Simon & Bernstein 2023) and the LR is width-independent, and cautious weight decay (applied only where the
+update and the weight agree in sign). Each addition is a group flag (eq, renorm, beta2 = 0 for no NorMuon,
+cautious), from OptimConfig.
 """
 
 import math
@@ -35,8 +42,8 @@ def orthogonalize(G):
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
-    # 1.02 margin: the Frobenius norm bounds the spectral norm, the margin absorbs bf16 rounding
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-7)
+    # the Frobenius norm bounds the spectral norm; the 1.01 margin (nanochat's) absorbs bf16 rounding
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
     for a, b, c in POLAR_EXPRESS_COEFFS:
         A = X @ X.mT
         B = b * A + c * (A @ A)
@@ -46,10 +53,48 @@ def orthogonalize(G):
     return X.to(G.dtype)
 
 
-def muon_direction(grads, buf, momentum):
-    """Nesterov momentum on a (n, rows, cols) stack, orthogonalised. Updates `buf`, overwrites `grads`."""
-    buf.lerp_(grads, 1 - momentum)
-    return orthogonalize(grads.lerp_(buf, momentum))  # g + mu * (buf - g)
+def muon_update(grads, state, group):
+    """The Muon update of a (n, rows, cols) stack of gradients, before the LR and update scale; overwrites `grads`
+    and updates the group's `state` (momentum_buffer, and second_momentum_buffer for NorMuon)."""
+    if "momentum_buffer" not in state:
+        state["momentum_buffer"] = torch.zeros_like(grads)
+    buf = state["momentum_buffer"]
+    buf.lerp_(grads, 1 - group["momentum"])
+    g = grads.lerp_(buf, group["momentum"])  # Nesterov: g + mu * (buf - g)
+    if group["eq"]:  # rows rescaled to the mean row norm: a better-conditioned input to the iteration
+        target = g.norm(dim=(-2, -1), keepdim=True) / g.size(-2) ** 0.5
+        g = g * (target / g.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+    u = orthogonalize(g)
+    if group["renorm"]:  # the iteration under-converges: snap the Frobenius norm to an orthogonal matrix's
+        u = u * (min(u.shape[-2:]) ** 0.5 / u.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6))
+    if group["beta2"]:
+        u = normuon(u, state, group["beta2"])
+    return u
+
+
+def normuon(u, state, beta2):
+    """NorMuon: divide each row (tall or square matrices) or column (wide ones) by the root of an EMA of its mean
+    square, then restore the stack's Frobenius norm per matrix, so only the distribution over rows changes."""
+    dim = -1 if u.size(-2) >= u.size(-1) else -2  # reduce over columns: one value per row, and vice versa
+    v = u.float().square().mean(dim=dim, keepdim=True)
+    if "second_momentum_buffer" not in state:
+        state["second_momentum_buffer"] = torch.zeros_like(v)
+    buf = state["second_momentum_buffer"]
+    buf.lerp_(v, 1 - beta2)
+    step = buf.clamp_min(1e-10).rsqrt()
+    n = u.size(dim)
+    before = (v.sum(dim=(-2, -1), keepdim=True) * n).sqrt()
+    after = (v * n * step.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+    return u * (step * before / after.clamp_min(1e-10)).to(u.dtype)
+
+
+def muon_apply(p, u, lr, group):
+    """p -= lr * update_scale * u, and the decoupled decay lr * wd * p, cautious: only where u and p agree in sign
+    (the decay then never fights the update). p and u: same-shape stacks or single matrices."""
+    decay = lr * group["weight_decay"] * p
+    if group["cautious"]:
+        decay = decay * ((u * p) >= 0)
+    p.sub_(lr * group["update_scale"] * u + decay)
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -91,14 +136,10 @@ class MuonAdamW(torch.optim.Optimizer):
         if any(p.grad is None for p in params):
             return
         grads = torch.stack([p.grad for p in params])
-        state = self.state[params[0]]  # one stacked momentum buffer per group, kept with its first param
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(grads)
-        update = muon_direction(grads, state["momentum_buffer"], group["momentum"])
-        lr = group["lr"]
+        state = self.state[params[0]]  # one stacked state per group, kept with its first param
+        update = muon_update(grads, state, group)
         for p, u in zip(params, update):
-            p.mul_(1 - lr * group["weight_decay"])  # decoupled decay; LR is width-constant so lr*wd is too
-            p.add_(u, alpha=-lr * group["update_scale"])
+            muon_apply(p, u, group["lr"], group)
 
 
     # -------------------------------------------------------------------------
@@ -139,10 +180,14 @@ class MuonAdamW(torch.optim.Optimizer):
 
 
 def _check_full(group, full):
-    # a whole group's state must fit the model: (n, rows, cols) momentum, or numel-long AdamW moments
+    # a whole group's state must fit the model: (n, rows, cols) momentum and NorMuon's (n, rows, 1) or (n, 1, cols)
+    # second moment, or numel-long AdamW moments
     params = group["params"]
-    want = (len(params), *params[0].shape) if group["kind"] == "muon" else (sum(p.numel() for p in params),)
+    n, shape = len(params), tuple(params[0].shape)
+    rows, cols = shape if len(shape) == 2 else (0, 0)
+    muon = dict(momentum_buffer=(n, *shape), second_momentum_buffer=(n, rows, 1) if rows >= cols else (n, 1, cols))
     for name, t in full.items():
+        want = muon.get(name) if group["kind"] == "muon" else (sum(p.numel() for p in params),)
         if name != "step" and tuple(t.shape) != want:
             raise ValueError(f"optimizer state {name} of group {group.get('role', '?')} has shape {tuple(t.shape)}, "
                              f"this model needs {want}")
@@ -254,11 +299,7 @@ class DistMuonAdamW(MuonAdamW):
             torch._foreach_copy_(group["params"], self._unstack(group, full))
 
     def _muon_shard(self, group, state, p, grad):
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(grad)
-        update = muon_direction(grad, state["momentum_buffer"], group["momentum"])
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(update, alpha=-group["lr"] * group["update_scale"])
+        muon_apply(p, muon_update(grad, state, group), group["lr"], group)
 
     def _adamw_shard(self, group, state, p, grad):
         if not state:
@@ -268,18 +309,6 @@ class DistMuonAdamW(MuonAdamW):
         adamw([p], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [state["step"]], amsgrad=False,
               beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
               maximize=False)
-
-
-def lr_multiplier(step, num_steps, warmup_ratio=0.0, warmdown_ratio=0.3, final_lr_frac=0.0):
-    """nanochat's schedule, a factor on every group's base_lr at 0-based `step`: linear warmup over the first
-    warmup_ratio of the steps, constant, then a linear warmdown over the last warmdown_ratio to final_lr_frac."""
-    warmup, warmdown = round(warmup_ratio * num_steps), round(warmdown_ratio * num_steps)
-    if step < warmup:
-        return (step + 1) / warmup
-    if step < num_steps - warmdown:
-        return 1.0
-    frac = (num_steps - step) / warmdown
-    return frac + (1 - frac) * final_lr_frac
 
 
 def average_gradients(params):

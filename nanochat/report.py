@@ -44,7 +44,8 @@ class RunLog:
 
 def print_role_table(model, rows):
     """The role table: the muP base and depth rule, then one line per row of `model.param_rules(...)` (role, class,
-    shapes, init, multiplier, optimizer, LR, eps, weight decay, Muon update scale)."""
+    shapes, init (N/U std, or the fixed initial value), multiplier, optimizer, LR, eps, AdamW betas, weight decay
+    (its value at step 0; base_train schedules the matrices'), Muon update scale)."""
     cfg = model.config
     if cfg.use_mup:
         b = cfg.mup_base()
@@ -59,15 +60,17 @@ def print_role_table(model, rows):
     else:
         print("SP")
     print(f"attention scale {cfg.attn_scale:.5g}, logit multiplier {cfg.logit_mult:.5g}")
-    print(f"{'parameter':<36} {'role':<9} {'class':<6} {'shape':<10} {'base':<10} {'init std':>9} "
-          f"{'fwd mult':>8} {'optim':<5} {'lr':>9} {'lr depth':>8} {'adam eps':>8} {'wd':>6} {'upd scale':>9}")
+    print(f"{'parameter':<36} {'role':<9} {'class':<6} {'shape':<10} {'base':<10} {'init':>11} "
+          f"{'fwd mult':>8} {'optim':<5} {'lr':>9} {'lr depth':>8} {'adam eps':>8} {'betas':>10} {'wd':>6} "
+          f"{'upd scale':>9}")
     for r in rows:
         eps = "-" if r["eps"] is None else f"{r['eps']:.3g}"
         scale = f"{r['update_scale']:.4g}" if "update_scale" in r else "-"
+        betas = "/".join(f"{b:g}" for b in r["betas"]) if "betas" in r else "-"
         shape, base = ("x".join(map(str, r[k])) for k in ("shape", "base_shape"))
-        print(f"{r['name']:<36} {r['role']:<9} {r['cls']:<6} {shape:<10} {base:<10} {r['init_std']:>9.4g} "
+        print(f"{r['name']:<36} {r['role']:<9} {r['cls']:<6} {shape:<10} {base:<10} {r['init']:>11} "
               f"{r['fwd_mult']:>8.4g} {r['optimizer']:<5} {r['lr']:>9.4g} {r['depth_lr']:>8.4g} {eps:>8} "
-              f"{r['wd']:>6.3g} {scale:>9}")
+              f"{betas:>10} {r['wd']:>6.3g} {scale:>9}")
 
 
 def plot_losses(metrics, path, title):

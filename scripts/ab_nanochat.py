@@ -10,6 +10,7 @@ bootstrap interval over seeds, its best multiplier, and the difference of the ar
     python scripts/ab_nanochat.py run --out runs/ab --nanochat ../nanochat --arm nanochat --mults "3 4 5" --depth 4
     python scripts/ab_nanochat.py run --out runs/ab --arm ours --name sp --mults "-1 0 1" --depth 4 -- --matrix-lr 0.02
     python scripts/ab_nanochat.py report --out runs/ab
+    python scripts/ab_nanochat.py check --nanochat ../nanochat   # same init + batches: same logits and losses?
 
 Data: the demo corpus (`python -m nanochat.dataset shakespeare`) re-cut into short documents (paragraphs up to
 --doc-chars), so that nanochat's loader, which drops the tail of every document it crops, sees about the text
@@ -44,7 +45,9 @@ runpy.run_module("scripts.base_train", run_name="__main__", alter_sys=True)
 """
 
 parser = ArgParser(description="per-token A/B of this repo against a nanochat checkout")
-parser.add("cmd", choices=["run", "report"], help="run: train and score a grid of one arm; report: the table")
+parser.add("cmd", choices=["run", "report", "check"],
+           help="run: train and score a grid of one arm; report: the table; check: this repo's SP model and optimizer "
+                "against nanochat's on the same weights and batches")
 parser.add("--out", default="", path="out", help="the A/B directory (data, runs, report)")
 parser.add("--nanochat", default="", path="dir", fix="clone karpathy/nanochat and pass its path",
            help="nanochat checkout (recorded on first use)")
@@ -65,7 +68,7 @@ parser.add("--n-boot", type=int, default=10000, min=1)
 argv = sys.argv[1:]
 extra = argv[argv.index("--") + 1:] if "--" in argv else []  # the arm's own training options
 args = parser.parse_args(argv[:len(argv) - len(extra) - ("--" in argv)])
-if not args.out:
+if not args.out and args.cmd != "check":
     parser.error("--out is required: the A/B directory, e.g. --out runs/ab")
 
 # -----------------------------------------------------------------------------
@@ -190,6 +193,66 @@ def point(out, checkout, name, mult, seed):
 
 
 # -----------------------------------------------------------------------------
+# check: the two implementations side by side, from nanochat's own init, on the same batches
+
+CHECK_NANOCHAT = """
+import sys, torch
+torch.compile = lambda fn=None, **kw: fn if fn is not None else (lambda f: f)
+sys.path.insert(0, ".")
+from nanochat.gpt import GPT, GPTConfig
+cfg = GPTConfig(sequence_len=64, vocab_size=300, n_layer=3, n_head=2, n_kv_head=2, n_embd=128, window_pattern="SSSL")
+torch.manual_seed(0)
+with torch.device("meta"):
+    model = GPT(cfg)
+model.to_empty(device="cpu")
+model.init_weights()
+init = {k: v.clone() for k, v in model.state_dict().items()}
+opt = model.setup_optimizer(unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02, weight_decay=0.28, scalar_lr=0.5)
+g = torch.Generator().manual_seed(1)
+batches = [(torch.randint(0, 300, (4, 64), generator=g), torch.randint(0, 300, (4, 64), generator=g)) for _ in range(8)]
+logits = model(batches[0][0]).detach()
+losses = []
+for x, y in batches:
+    loss = model(x, y)
+    loss.backward()
+    opt.step()
+    model.zero_grad(set_to_none=True)
+    losses.append(loss.item())
+torch.save(dict(init=init, batches=batches, logits=logits, losses=losses), sys.argv[1])
+"""
+
+
+def check(checkout):
+    """nanochat's GPT + MuonAdamW (its setup_optimizer, momentum 0.95, no schedules) against this repo's SP model at
+    the same config, loaded with nanochat's initial weights: the init logits and 8 steps' losses."""
+    import tempfile
+
+    import torch
+
+    from nanochat.gpt import GPTConfig, build_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "nanochat.pt")
+        run([sys.executable, "-c", CHECK_NANOCHAT, path], os.path.join(tmp, "log"), cwd=checkout)
+        ref = torch.load(path)
+    cfg = GPTConfig(sequence_len=64, vocab_size=300, n_layer=3, n_head=2, n_kv_head=2, n_embd=128, head_impl="eager")
+    model = build_model(cfg, "cpu")
+    model.load_state_dict(ref["init"], strict=True)  # the same parameter names, shapes and padding
+    opt = model.setup_optimizer(unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02, weight_decay=0.28,
+                                scalar_lr=0.5, muon_momentum=0.95)
+    logits = model(ref["batches"][0][0]).detach()
+    print(f"init logits: max |ours - nanochat| = {(logits - ref['logits']).abs().max().item():.3g} "
+          f"(max |logit| {ref['logits'].abs().max().item():.3g})")
+    for i, (x, y) in enumerate(ref["batches"]):
+        loss = model(x, y)
+        loss.backward()
+        opt.step()
+        model.zero_grad(set_to_none=True)
+        print(f"step {i}: loss ours {loss.item():.7f} nanochat {ref['losses'][i]:.7f} "
+              f"(relative difference {abs(loss.item() / ref['losses'][i] - 1):.2g})")
+
+
+# -----------------------------------------------------------------------------
 # report
 
 
@@ -241,6 +304,11 @@ def report(out):
 
 if args.cmd == "report":
     report(args.out)
+    sys.exit(0)
+if args.cmd == "check":
+    if not args.nanochat:
+        parser.error("check needs --nanochat PATH (a checkout of karpathy/nanochat)")
+    check(os.path.abspath(args.nanochat))
     sys.exit(0)
 out = os.path.abspath(args.out)
 ab = os.path.join(out, "ab.json")

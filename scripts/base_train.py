@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, fields
 
 from nanochat.common import ArgParser
-from nanochat.config import MATRIX_LR, OptimConfig
+from nanochat.config import MATRIX_LR, GPTConfig, OptimConfig
 
 # -----------------------------------------------------------------------------
 # options: every one is checked here, before torch is imported and before anything is written
@@ -38,8 +38,25 @@ parser.add("--n-embd", type=int, default=0, min=0, help="explicit width (0 = fro
 parser.add("--n-head", type=int, default=0, min=0, help="explicit number of heads (0 = from head_dim)")
 parser.add("--n-kv-head", type=int, default=0, min=0, help="key/value heads for GQA (0 = n_head)")
 parser.add("--sequence-len", type=int, default=256, min=1, help="context length")
-parser.add("--window-pattern", default="L", help="per-layer L (full) / S (half context) pattern, tiled")
-parser.add("--softcap", type=float, default=15.0, min=0, help="tanh logit softcap (0 = off)")
+gpt_fields = {f.name: f.default for f in fields(GPTConfig)}  # the model's defaults: nanochat/config.py
+parser.add("--window-pattern", default=gpt_fields["window_pattern"],
+           help="per-layer L (full) / S (short window) pattern, tiled; the last layer is always L")
+parser.add("--short-window", type=int, default=0, min=0,
+           help="S layers' window in tokens (0 = a quarter of the context, rounded up to 128-token tiles)")
+parser.add("--softcap", type=float, default=gpt_fields["softcap"], min=0, help="tanh logit softcap (0 = off)")
+# nanochat master's model features: 1 = on (its default), 0 = off
+for name, what in (("value_embeds", "gated value embeddings on alternating layers"),
+                   ("smear", "smear gate: the previous token's embedding mixed in"),
+                   ("backout", "subtract a learned fraction of the middle layer's residual before the readout")):
+    parser.add("--" + name.replace("_", "-"), type=int, default=int(gpt_fields[name]), choices=[0, 1], help=what)
+parser.add("--scalar-init", default=gpt_fields["scalar_init"], choices=["ramp", "flat"],
+           help="resid/x0_lambdas init: ramp 1.15->1.05 and 0.20->0.05 over the layers, or flat 1 and 0")
+parser.add("--qk-gain", type=float, default=gpt_fields["qk_gain"], above=0, help="q and k multiplier after QK-norm")
+parser.add("--fc-init", type=float, default=gpt_fields["fc_init"], above=0, help="c_fc init std multiplier")
+parser.add("--embed-std", type=float, default=gpt_fields["embed_std"], above=0, help="token embedding init std")
+parser.add("--rope-base", type=float, default=gpt_fields["rope_base"], above=0, help="rotary base")
+parser.add("--pad-vocab-to", type=int, default=gpt_fields["pad_vocab_to"], min=1,
+           help="embedding and lm_head rows rounded up to a multiple of this (1 = no padding)")
 parser.add("--attn-impl", default="auto", choices=["auto", "triton", "sdpa"], help="auto: Triton on CUDA, else SDPA")
 parser.add("--head-impl", default="auto", choices=["auto", "triton", "chunked", "eager"],
            help="lm_head + cross-entropy: auto = fused Triton on CUDA, chunked PyTorch elsewhere")
@@ -60,19 +77,37 @@ parser.add("--init-scale", type=float, default=1.0, above=0, help="multiplier on
 hp_fields = {f.name: f for f in fields(OptimConfig)}  # defaults and help: nanochat/config.py
 parser.add("--matrix-optimizer", default=hp_fields["matrix_optimizer"].default, choices=list(MATRIX_LR),
            help=hp_fields["matrix_optimizer"].metadata["help"])
-HP_OPTIONS = ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay")
+HP_OPTIONS = ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "gate_lr", "weight_decay")
 for name in HP_OPTIONS:
     parser.add("--" + name.replace("_", "-"), type=float, default=hp_fields[name].default, min=0,
                help=hp_fields[name].metadata["help"])
+# Muon's additions and the schedules (nanochat's defaults; OptimConfig documents each)
+SCHEDULE_OPTIONS = dict(normuon_beta2=(float, "NorMuon second-moment EMA (0 = off)"),
+                        muon_eq=(int, "MuonEq row equilibration (1 = on)"),
+                        muon_renorm=(int, "Muon+ Frobenius renormalisation (1 = on)"),
+                        cautious_wd=(int, "cautious weight decay on Muon (1 = on)"),
+                        warmup_steps=(int, "LR warmup steps"),
+                        warmdown_ratio=(float, "fraction of the steps of linear LR decay at the end"),
+                        final_lr_frac=(float, "LR at the end as a fraction of the peak"),
+                        muon_momentum=(float, "Muon momentum after its warmup"),
+                        momentum_start=(float, "Muon momentum at step 0"),
+                        momentum_warmup=(int, "steps of the momentum warmup"),
+                        momentum_end=(float, "Muon momentum at the end of the LR warmdown"))
+for name, (kind, what) in SCHEDULE_OPTIONS.items():
+    flag, default = "--" + name.replace("_", "-"), hp_fields[name].default
+    if kind is int and isinstance(default, bool):
+        parser.add(flag, type=int, default=int(default), choices=[0, 1], help=what)
+    elif kind is int:
+        parser.add(flag, type=int, default=default, min=0, help=what)
+    else:
+        parser.add(flag, type=float, default=default, min=0, max=1, help=what)
+parser.add("--wd-schedule", default=hp_fields["wd_schedule"].default, choices=["cosine", "constant"],
+           help=hp_fields["wd_schedule"].metadata["help"])
 parser.add("--device-batch-size", type=int, default=16, min=1, help="sequences per forward pass per process")
 parser.add("--total-batch-size", type=int, default=0, min=0,
            help="tokens per optimizer step (0 = one pass per process; on --resume: the checkpoint's)")
 parser.add("--num-iterations", type=int, default=200, min=0, help="optimizer steps (unless --target-tokens)")
 parser.add("--target-tokens", type=int, default=0, min=0, help="token budget; sets the number of steps when > 0")
-parser.add("--warmup-ratio", type=float, default=0.0, min=0, max=1, help="fraction of steps of linear LR warmup")
-parser.add("--warmdown-ratio", type=float, default=0.3, min=0, max=1,
-           help="fraction of steps of linear LR decay at the end")
-parser.add("--final-lr-frac", type=float, default=0.0, min=0, max=1, help="LR at the end as a fraction of the base LR")
 # distributed
 parser.add("--optimizer-sharding", default="auto", choices=["auto", "on", "off"],
            help="ZeRO-2 sharded optimizer (auto: on under torchrun with >1 process; off: all-reduce + replicated step)")
@@ -101,8 +136,6 @@ parser.add("--debug-inject-nan-step", type=int, default=0, min=0,
 parser.add("--debug-inject-nan-into", default="loss", choices=["loss", "weights"],
            help="TEST HOOK: poison the loss (before the update) or one weight (as if the update overflowed)")
 args = parser.parse_args()
-if args.warmup_ratio + args.warmdown_ratio > 1:
-    parser.error(f"--warmup-ratio={args.warmup_ratio} and --warmdown-ratio={args.warmdown_ratio}: together at most 1")
 if not args.window_pattern or set(args.window_pattern) - {"L", "S"}:
     parser.error(f"--window-pattern={args.window_pattern}: use only the letters L and S, e.g. --window-pattern SSL")
 out_dir = os.path.abspath(args.out_dir or os.path.join("runs", args.run or "base"))
@@ -130,7 +163,6 @@ from nanochat.loss_eval import evaluate_bpb  # noqa: E402
 from nanochat.optim import (  # noqa: E402
     DistMuonAdamW,
     average_gradients,
-    lr_multiplier,
     params_finite,
     replica_checksum,
 )
@@ -214,7 +246,10 @@ try:
                        mup_base_head_dim=args.mup_base_head_dim, mup_base_n_kv_head=args.mup_base_n_kv_head,
                        mup_base_n_layer=args.mup_base_depth, depth_alpha=args.depth_alpha,
                        output_mult=args.output_mult, init_scale=args.init_scale, attn_impl=args.attn_impl,
-                       head_impl=args.head_impl)
+                       head_impl=args.head_impl, short_window=args.short_window, value_embeds=bool(args.value_embeds),
+                       smear=bool(args.smear), backout=bool(args.backout), scalar_init=args.scalar_init,
+                       qk_gain=args.qk_gain, fc_init=args.fc_init, embed_std=args.embed_std, rope_base=args.rope_base,
+                       pad_vocab_to=args.pad_vocab_to)
 except ValueError as e:
     parser.error(str(e))
 # an explicit Triton choice the kernels cannot run fails here, in one line, not at the first forward
@@ -229,7 +264,9 @@ if args.head_impl == "triton":
     if why := kernels.head_torch.unsupported(device_type, dtype):
         parser.error(f"--head-impl=triton cannot run {why}: use --head-impl chunked (or auto)")
 model = build_model(config, device)
-hp = OptimConfig(args.matrix_optimizer, **{name: getattr(args, name) for name in HP_OPTIONS})
+hp = OptimConfig(args.matrix_optimizer, wd_schedule=args.wd_schedule,
+                 **{name: getattr(args, name) for name in HP_OPTIONS},
+                 **{name: type(hp_fields[name].default)(getattr(args, name)) for name in SCHEDULE_OPTIONS})
 optimizer = model.setup_optimizer(hp)
 if sharded:  # same groups, ZeRO-2 step: reduce-scatters the raw local gradients itself
     optimizer = DistMuonAdamW(optimizer.param_groups, rank, world_size)
@@ -238,8 +275,16 @@ if master:
 train_model = torch.compile(model, dynamic=False) if use_compile else model
 
 
-def lr_mult(step):
-    return lr_multiplier(step, num_steps, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+def set_schedules(step):
+    """nanochat's schedules (OptimConfig): every LR x lr_mult, Muon's momentum, the matrices' weight decay x wd_mult."""
+    lr_mult, wd_mult, momentum = hp.lr_mult(step, num_steps), hp.wd_mult(step, num_steps), hp.momentum(step, num_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * lr_mult
+        if group["role"] == "matrix":
+            group["weight_decay"] = group["base_wd"] * wd_mult
+        if group["kind"] == "muon":
+            group["momentum"] = momentum
+    return lr_mult
 
 
 # -----------------------------------------------------------------------------
@@ -322,8 +367,7 @@ peak_flops = 989e12 if device_type == "cuda" else None  # H100 bf16 dense; MFU i
 bar = tqdm(range(start_step, num_steps), initial=start_step, total=num_steps, disable=not master, dynamic_ncols=True)
 t_last = time.time()
 for step in bar:
-    for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * lr_mult(step)
+    lr_mult = set_schedules(step)
     loss_sum = torch.zeros((), device=device)
     xs, ys = batches.next()
     for k in range(grad_accum):
@@ -358,7 +402,7 @@ for step in bar:
         stop(step + 1, "non-finite parameters after the update")
     dt, t_last = time.time() - t_last, time.time()
     tok_per_s = total_batch / dt
-    row = dict(step=step + 1, train_loss=train_loss, lr_mult=lr_mult(step), tok_per_s=tok_per_s, dt=dt)
+    row = dict(step=step + 1, train_loss=train_loss, lr_mult=lr_mult, tok_per_s=tok_per_s, dt=dt)
     postfix = dict(loss=f"{train_loss:.3f}", tok_s=f"{tok_per_s:,.0f}")
     if peak_flops:
         row["mfu"] = flops_per_token * tok_per_s / (peak_flops * world_size)

@@ -58,7 +58,7 @@ class OptimConfig:
     # cautious weight decay (decay only where update and weight agree in sign)
     normuon_beta2: float = field(default=0.9, metadata=dict(help="NorMuon second-moment EMA (0 = off)"))
     muon_eq: bool = True
-    muon_renorm: bool = True
+    muon_renorm: bool = False
     cautious_wd: bool = True
     # schedules (nanochat's base_train): LR warmup steps, flat, linear warmdown over the last warmdown_ratio of the
     # steps to final_lr_frac; Muon momentum momentum_start -> muon_momentum over momentum_warmup steps, then down to
@@ -214,6 +214,10 @@ class GPTConfig:
         if b % hd or hd % 2:
             raise ValueError(f"GPTConfig.mup_base_width={b} is not a multiple of the base head_dim {hd} (even): "
                              "set mup_base_head_dim to the head_dim the base was tuned at")
+        for name, channels in (("value_embeds", VE_GATE_CHANNELS), ("smear", SMEAR_CHANNELS)):
+            if getattr(self, name) and b < channels:
+                raise ValueError(f"GPTConfig.mup_base_width={b}: {name}=True reads the first {channels} channels, "
+                                 f"so the base must be at least {channels} wide: use a wider base or {name}=False")
         n_head = b // hd
         kv = self.mup_base_n_kv_head or (n_head if self.n_kv_head == self.n_head else self.n_kv_head)
         if n_head % kv:

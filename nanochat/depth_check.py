@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from nanochat.coord_check import VOCAB, byte_batches, load_text_bytes, rms
+from nanochat.coord_check import CHECK_LR_MULT, VOCAB, byte_batches, drop_init_noise, load_text_bytes, rms
 from nanochat.gpt import GPTConfig, build_model
 
 QUANTITIES = ("stream", "stream_change", "layer_update", "logits", "target_logit", "dw_rms")
@@ -59,9 +59,12 @@ def stats(model, x, y, ref):
     }
 
 
+
+
 def run_one(depth, rule, steps=5, seed=0, matrix_optimizer="muon", width=64, base_depth=2, B=8, T=64, data=None,
-            lr_mult=1.0, device="cpu"):
-    """{step: {quantity: value}} after each of `steps` real optimizer steps (the model's own setup_optimizer)."""
+            lr_mult=CHECK_LR_MULT, device="cpu"):
+    """{step: {quantity: value}} after each of `steps` real optimizer steps (the model's own setup_optimizer, every
+    LR times `lr_mult`)."""
     data = load_text_bytes() if data is None else data
     torch.manual_seed(seed)
     model = build_model(depth_config(depth, rule, width, base_depth=base_depth, seq_len=T), device)
@@ -77,6 +80,8 @@ def run_one(depth, rule, steps=5, seed=0, matrix_optimizer="muon", width=64, bas
         before = [p.detach().clone() for p in mats]
         loss = model(xb, yb)
         loss.backward()
+        if step == 1:
+            drop_init_noise(model)
         opt.step()
         model.zero_grad(set_to_none=True)
         out[step] = {**stats(model, xe, ye, ref), "loss": loss.item(),

@@ -263,14 +263,18 @@ class GPT(nn.Module):
     def init_fixed(self, name, p):
         """Initialise a scalar or gate in place (nanochat's values, the same in both modes: their shapes do not
         grow): resid_lambdas 1.15 -> 1.05 and x0_lambdas 0.20 -> 0.05 linearly over the layers (scalar_init 'ramp';
-        'flat': 1 and 0), smear_lambda 0, backout_lambda 0.2, the gates uniform in [0, 0.02) (slightly open)."""
-        L = self.config.n_layer
+        'flat': 1 and 0; under the depth rule the ramps' deviations x 1/m_L), smear_lambda 0, backout_lambda 0.2, the
+        gates uniform in [0, 0.02) (slightly open)."""
+        L, k = self.config.n_layer, 1 / self.config.depth_mult
         ramp = torch.arange(L, dtype=torch.float32, device=p.device) / max(L - 1, 1)
         flat = self.config.scalar_init == "flat"
+        # depth rule: the ramps act on every layer and compound (the stream is rescaled by prod(resid_lambdas), x0
+        # added L times), so their deviation from 1 and 0 is scaled by 1/m_L, like their LR: the total over the
+        # layers then stays the base depth's. Exactly nanochat's values at the base depth and without the rule.
         if name == "resid_lambdas":
-            p.copy_(torch.ones_like(p) if flat else 1.15 - 0.10 * ramp)
+            p.copy_(torch.ones_like(p) if flat else 1 + k * (0.15 - 0.10 * ramp))
         elif name == "x0_lambdas":
-            p.copy_(torch.zeros_like(p) if flat else 0.20 - 0.15 * ramp)
+            p.copy_(torch.zeros_like(p) if flat else k * (0.20 - 0.15 * ramp))
         elif name in ("smear_lambda", "backout_lambda"):
             p.fill_(0.0 if name == "smear_lambda" else 0.2)
         else:
@@ -315,8 +319,12 @@ class GPT(nn.Module):
           (or columns) at a fixed Frobenius norm, so the scale holds (muP_changes.md). Weight decay: nanochat decays
           by lr x its shape factor x wd, so wd x the base shape's factor, constant in width (lr*wd invariant);
           cautious (only where update and weight agree in sign) and cosine-scheduled by base_train.
-        - the value-embedding gates (12 channels -> kv heads): matrices by shape (input class when kv heads grow,
-          fixed when not), with Muon like every block matrix (nanochat).
+        - the value-embedding gates (12 channels -> kv heads, Muon like every block matrix in nanochat): input class
+          when kv heads grow (fixed when not). A fixed fan_in below fan_out's growth: while fan_out < fan_in the
+          polar factor has orthonormal rows, so each gate already moves O(1) per unit of scale and the scale must
+          stay 1; from fan_out = fan_in on it grows like sqrt(fan_out/fan_in). nanochat's max(1, fo/fi)^0.5 at the
+          model's own shape is both (the spectral condition's sqrt(r_out) overshoots the wide regime: measured
+          gate-logit slope +0.5 in the coordinate check).
         - AdamW matrices: LR eta/r_in (Adam's update entries are ~lr; a dense low-rank update then has spectral
           norm ~lr*sqrt(fo*fi), which must be ~sqrt(fo/fi)), weight decay wd*r_in (lr*wd invariant), eps eps/r_out
           (gradient entries scale like 1/fan_out for updates of spectral size; TP5 Table 8: hidden eps/m).
@@ -369,10 +377,12 @@ class GPT(nn.Module):
                 row["fwd_mult"] = cfg.logit_mult
             elif h.matrix_optimizer == "muon":
                 base_scale = max(1.0, (s["fan_out"] / r_out) / (s["fan_in"] / r_in)) ** 0.5  # nanochat's, at the base
+                scale = base_scale * (r_out / r_in) ** 0.5
+                if s["cls"] == "input":  # fixed fan_in (the value-embedding gates): nanochat's rule at this shape
+                    scale = max(1.0, s["fan_out"] / s["fan_in"]) ** 0.5
                 row.update(optimizer="muon", lr=h.hidden_lr() * depth["matrix_lr"], eps=None, momentum=h.muon_momentum,
-                           wd=h.weight_decay * base_scale * dm ** (1 - alpha),
-                           update_scale=base_scale * (r_out / r_in) ** 0.5, beta2=h.normuon_beta2, eq=h.muon_eq,
-                           renorm=h.muon_renorm, cautious=h.cautious_wd)
+                           wd=h.weight_decay * base_scale * dm ** (1 - alpha), update_scale=scale,
+                           beta2=h.normuon_beta2, eq=h.muon_eq, renorm=h.muon_renorm, cautious=h.cautious_wd)
             else:
                 row.update(adam, lr=h.hidden_lr() / r_in * depth["matrix_lr"], eps=h.adam_eps / r_out * dm ** -alpha,
                            wd=h.weight_decay * r_in * dm ** (1 - alpha))

@@ -19,6 +19,7 @@ line naming the step; nothing of that step is logged or saved, so the last good 
 
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, fields
@@ -250,8 +251,10 @@ try:
                        smear=bool(args.smear), backout=bool(args.backout), scalar_init=args.scalar_init,
                        qk_gain=args.qk_gain, fc_init=args.fc_init, embed_std=args.embed_std, rope_base=args.rope_base,
                        pad_vocab_to=args.pad_vocab_to)
-except ValueError as e:
-    parser.error(str(e))
+except ValueError as e:  # the message names GPTConfig fields: name the options instead
+    option = lambda m: {"n_layer": "--depth", "mup_base_n_layer": "--mup-base-depth"}.get(  # noqa: E731
+        m.group(1), "--" + m.group(1).replace("_", "-"))
+    parser.error(re.sub(r"GPTConfig\.(\w+)", option, str(e)))
 # an explicit Triton choice the kernels cannot run fails here, in one line, not at the first forward
 if args.attn_impl == "triton":
     import kernels.attention_torch

@@ -43,7 +43,9 @@ def test_depth_rules_per_role(alpha, opt):
     mL = 4.0
     assert deep.config.branch_mult == pytest.approx(mL ** -alpha)
     for r in deep.param_rules(matrix_optimizer=opt, **KW):
-        b = base[re.sub(r"\.h\.\d+\.", ".h.0.", r["name"])]  # every block has the same rules
+        # every block has the same rules (the base's layer 1 has the value-embedding gate)
+        b = base[re.sub(r"^value_embeds\.\d+", "value_embeds.1",
+                        re.sub(r"\.h\.\d+\.", ".h.1." if "ve_gate" in r["name"] else ".h.0.", r["name"]))]
         if r["role"] == "matrix":
             assert r["lr"] == pytest.approx(b["lr"] * mL ** (alpha - 1))
             assert r["wd"] == pytest.approx(b["wd"] * mL ** (1 - alpha))
@@ -68,11 +70,12 @@ def test_depth_rule_is_refused_without_a_muP_base_or_with_a_bad_alpha():
 
 @pytest.mark.parametrize("opt", ["muon", "adamw"])
 def test_depth_coord_check_flat_with_completep_drifting_without(opt):
-    # depths 2 and 8 at width 64, 4 real steps on Shakespeare bytes; step 4 is the first where every block's
-    # matrices have moved (zero out-projections at init). Measured (seeds 0-2): CompleteP
-    # |slope| <= 0.07; no depth rule: stream change 0.27-0.90, layer update 0.64-0.93 (seed 0: >= 0.58)
+    # depths 2 and 8 at width 64, 4 real steps on Shakespeare bytes at the check's quarter LR (depth_check.
+    # CHECK_LR_MULT); step 4 is the first where every block's matrices have moved (zero out-projections at init).
+    # Measured with nanochat's recipe, seed 0 (seeds 1-2): CompleteP |slope| <= 0.05 (Muon seed 2: stream -0.34);
+    # no depth rule: stream 0.63 / 0.66 (0.31-0.98), layer update 0.43 / 0.41 (0.35-0.60), Muon / AdamW. The
+    # stream grows without the rule because nanochat's resid_lambdas ramp (1.15 -> 1.05) compounds over the layers.
     sl = slopes(run_depth_check([2, 8], steps=4, seeds=(0,), matrix_optimizer=opt, log=None), step=4)
     for q in ("stream", "stream_change", "layer_update", "logits"):
         assert abs(sl[1, q]) < 0.1, (q, sl[1, q])
-    for q in ("stream_change", "layer_update"):
-        assert sl[0, q] > 0.4, (q, sl[0, q])
+    assert sl[0, "stream"] > 0.5 and sl[0, "layer_update"] > 0.35, sl

@@ -126,7 +126,8 @@ def test_width_through_head_dim():
     # 1/d: four times the head_dim, a quarter of the base's scale; SP would take half (1/sqrt(d))
     assert wide.config.attn_scale == pytest.approx(base.config.attn_scale / 4)
     s = wide.param_shapes()
-    assert all(s[n]["cls"] == "hidden" for n in s if s[n]["role"] == "matrix")  # kv dim = head_dim grows too
+    # kv dim = head_dim grows too; the value-embedding gate (12 channels -> 1 kv head) is fixed
+    assert all(s[n]["cls"] == ("fixed" if "ve_gate" in n else "hidden") for n in s if s[n]["role"] == "matrix")
     b, w = rules(base), rules(wide)
     assert all(w[n]["update_scale"] == b[n]["update_scale"] for n in w if "update_scale" in w[n])
 
@@ -186,13 +187,13 @@ def test_weight_decay_per_step_is_width_independent(opt_name):
         assert factors[0][n] < 1 - 1e-4 and factors[1][n] == pytest.approx(factors[0][n], abs=1e-6), n
 
 
-def muon_spectral_slopes(widths=(64, 128, 256, 512), square_rule=False):
+def muon_spectral_slopes(widths=(64, 128, 256, 512), square_rule=False, **hp):
     """Fitted log2 slope vs width of one Muon step's ||dW||_2 per matrix kind, and the spectral condition's
     slope of sqrt(fan_out/fan_in). `square_rule` puts back the old max(1, fo/fi)^0.5 at the model's own shape."""
     got, want = {}, {}
     for width in widths:
         model = coord_model(width, True, base_width=64, depth=1, seq_len=16, n_kv_head=1)
-        opt = model.setup_optimizer()
+        opt = model.setup_optimizer(weight_decay=0.0, **hp)  # the update alone
         if square_rule:
             for g in opt.param_groups:
                 if g["kind"] == "muon":
@@ -207,11 +208,16 @@ def muon_spectral_slopes(widths=(64, 128, 256, 512), square_rule=False):
     return {k: (np.polyfit(lw, got[k], 1)[0], np.polyfit(lw, [want[k][w] for w in widths], 1)[0]) for k in got}
 
 
-def test_muon_step_spectral_norm_scales_like_sqrt_fan_out_over_fan_in():
-    slopes = muon_spectral_slopes()
+@pytest.mark.parametrize("normuon_beta2", [0.9, 0.0])
+def test_muon_step_spectral_norm_scales_like_sqrt_fan_out_over_fan_in(normuon_beta2):
+    # with and without NorMuon: its per-row normalisation at a fixed Frobenius norm keeps muP's update scale
+    slopes = muon_spectral_slopes(normuon_beta2=normuon_beta2)
     assert slopes["attn.c_k"][1] == pytest.approx(-0.5) and slopes["attn.c_q"][1] == pytest.approx(0.0)
+    assert slopes["attn.ve_gate"][1] == pytest.approx(0.0)  # 12 channels -> 1 kv head at every width: fixed
     bad = {k: v for k, v in slopes.items() if abs(v[0] - v[1]) > 0.05}
     assert not bad, bad
+    if normuon_beta2:
+        return
     # the old square-matrix rule for c_k / c_v with fixed kv heads must fail this check
     old = muon_spectral_slopes(square_rule=True)
     assert {k for k, v in old.items() if abs(v[0] - v[1]) > 0.4} == {"attn.c_k", "attn.c_v"}

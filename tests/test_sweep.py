@@ -16,7 +16,7 @@ from conftest import ROOT
 from nanochat.transfer import fit_optimum, read_runs, recommend, summarize
 
 SWEEP = ["bash", os.path.join(ROOT, "scripts", "sweep.sh")]
-TRAIN = ["--head-dim", "8", "--sequence-len", "32", "--device-batch-size", "4", "--num-iterations", "3",
+TRAIN = ["--head-dim", "16", "--sequence-len", "32", "--device-batch-size", "4", "--num-iterations", "3",
          "--eval-tokens", "256", "--eval-every", "0", "--device", "cpu", "--dtype", "float32"]
 
 
@@ -25,7 +25,7 @@ def env(**kw):
 
 
 def sweep_args(corpus, out, **kw):
-    flags = {**dict(hp="matrix_lr", out=str(out), widths="16 32", mults="-1 0 1", seeds="0", depths="1"), **kw}
+    flags = {**dict(hp="matrix_lr", out=str(out), widths="32 64", mults="-1 0 1", seeds="0", depths="1"), **kw}
     return [a for k, v in flags.items() for a in (f"--{k}", v)] + ["--", *TRAIN, "--data-dir", corpus["data"],
                                                                      "--tokenizer-dir", corpus["tok"]]
 
@@ -52,12 +52,12 @@ def test_sweep_runs_every_point_once_with_the_swept_value(swept):
         assert not (run / "checkpoints").exists()
         assert cfg["args"]["matrix_lr"] == pytest.approx(0.02 * 2.0 ** point["x"])
         assert cfg["model_config"]["n_embd"] == point["width"]
-        assert cfg["model_config"]["mup_base_width"] == (16 if point["mode"] == "mup" else 0)
+        assert cfg["model_config"]["mup_base_width"] == (32 if point["mode"] == "mup" else 0)
 
 
 def test_a_base_value_given_after_the_separator_is_scaled_not_kept(corpus, tmp_path):
     # the documented way to set the base (--matrix-lr V after --) must not override the swept value of every point
-    args = sweep_args(corpus, tmp_path / "base", widths="16", mults="-1 1", modes="mup") + ["--matrix-lr", "0.01"]
+    args = sweep_args(corpus, tmp_path / "base", widths="32", mults="-1 1", modes="mup") + ["--matrix-lr", "0.01"]
     r = subprocess.run(SWEEP + args, env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     lrs = {json.load(open(run / "point.json"))["x"]: json.load(open(run / "config.json"))["args"]["matrix_lr"]
@@ -67,7 +67,7 @@ def test_a_base_value_given_after_the_separator_is_scaled_not_kept(corpus, tmp_p
 
 def test_sweep_resumes_and_restarts_a_killed_run(swept, corpus):
     out, _ = swept
-    killed = out / "mup_d1_w32_x1_s0"
+    killed = out / "mup_d1_w64_x1_s0"
     (killed / "DONE").unlink()
     (killed / "partial").write_text("left by a killed run")
     r = subprocess.run(SWEEP + sweep_args(corpus, out), env=env(), capture_output=True, text=True, timeout=120)
@@ -78,7 +78,7 @@ def test_sweep_resumes_and_restarts_a_killed_run(swept, corpus):
 
 @pytest.mark.parametrize("bad, message", [
     (dict(shard="2/2"), "--shard 2/2"),
-    (dict(widths="16 x"), "x is not an integer"),
+    (dict(widths="32 x"), "x is not an integer"),
     (dict(hp="output_mult"), "pass --modes mup"),
     (dict(hp="nope"), "not sweepable"),
 ])
@@ -114,14 +114,14 @@ def test_report_files_and_recommended_command(swept, corpus, tmp_path):
     x = report["sweeps"]["matrix_lr"]["recommended_log2"]
     assert -1 <= x <= 1 or report["sweeps"]["matrix_lr"]["recommended_how"].startswith("fitted line")
     cmd = shlex.split(report["command"])
-    assert cmd[:8] == ["python", "scripts/base_train.py", "--n-embd", "128", "--depth", "1", "--mup-base-width", "16"]
+    assert cmd[:8] == ["python", "scripts/base_train.py", "--n-embd", "256", "--depth", "1", "--mup-base-width", "32"]
     assert cmd[cmd.index("--matrix-lr") + 1] == f"{0.02 * 2.0 ** x:.4g}" and cmd.count("--matrix-lr") == 1
     assert report["command"] in r.stdout
     # the recommendation runs as printed (one step, into a fresh directory)
     run = subprocess.run([sys.executable, *cmd[1:], "--num-iterations", "1", "--out-dir", str(tmp_path / "big")],
                          cwd=ROOT, env=env(PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert json.load(open(tmp_path / "big" / "config.json"))["model_config"]["n_embd"] == 128
+    assert json.load(open(tmp_path / "big" / "config.json"))["model_config"]["n_embd"] == 256
     # a second pass of the same hyperparameter: its own section and plot, and it alone sets the recommended value
     second = second_pass(out, tmp_path / "pass2", "mup_*")
     r2 = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "transfer_report.py"), str(out), str(second),
@@ -138,13 +138,13 @@ def test_report_files_and_recommended_command(swept, corpus, tmp_path):
 def test_payoff_runs_the_three_arms_with_their_tuned_values(swept, tmp_path):
     out, _ = swept
     pay = tmp_path / "payoff"
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", "payoff.py"), str(out), "--width", "32", "--seeds", "5 6",
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "payoff.py"), str(out), "--width", "64", "--seeds", "5 6",
            "--out", str(pay), "--n-boot", "100"]
     r = subprocess.run(cmd, env=env(PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.load(open(pay / "payoff.json"))
     s = summarize(read_runs(str(out))[1], "val_bpb", n_boot=10)
-    want = {"mup": ("mup", 16, 16), "sp": ("sp", 32, 0), "mup_tuned": ("mup", 32, 16)}
+    want = {"mup": ("mup", 32, 32), "sp": ("sp", 64, 0), "mup_tuned": ("mup", 64, 32)}
     for arm, (mode, tuned_at, base) in want.items():
         x = s[mode, 1]["optima"][s[mode, 1]["widths"].index(tuned_at)]
         assert res["tuned"][arm]["--matrix-lr"]["log2_mult"] == pytest.approx(x)
@@ -152,7 +152,7 @@ def test_payoff_runs_the_three_arms_with_their_tuned_values(swept, tmp_path):
         assert len(runs) == 2
         for run in runs:  # every run trained at the target width with the arm's tuned value
             cfg = json.load(open(run / "config.json"))
-            assert cfg["model_config"]["n_embd"] == 32 and cfg["model_config"]["mup_base_width"] == base
+            assert cfg["model_config"]["n_embd"] == 64 and cfg["model_config"]["mup_base_width"] == base
             assert cfg["args"]["matrix_lr"] == pytest.approx(0.02 * 2.0 ** x, rel=1e-5)
             assert cfg["args"]["num_iterations"] == 3
     vals = {a: np.array(v) for a, v in res["val_bpb"].items()}
@@ -168,7 +168,7 @@ def test_payoff_runs_the_three_arms_with_their_tuned_values(swept, tmp_path):
                           env=env(PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
     assert more.returncode == 0 and "mup: 2/3" in more.stdout, more.stdout  # counts only the seeds asked for
     # a second pass of the same hyperparameter overrides the first where it has runs (here: muP at the base width)
-    second = second_pass(out, tmp_path / "pass2", "mup_d1_w16_*")
+    second = second_pass(out, tmp_path / "pass2", "mup_d1_w32_*")
     r2 = subprocess.run(cmd[:3] + [str(second)] + cmd[3:] + ["--report-only"], env=env(PYTHONPATH=ROOT),
                         capture_output=True, text=True, timeout=120)
     assert r2.returncode == 0, r2.stderr
@@ -179,7 +179,7 @@ def test_payoff_runs_the_three_arms_with_their_tuned_values(swept, tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--seeds" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     # a sweep with a shard still running (a run without DONE) or a point not run yet is refused, not fitted
-    run = sorted(out.glob("sp_d1_w32_*"))[0]
+    run = sorted(out.glob("sp_d1_w64_*"))[0]
     (run / "DONE").rename(run / "DONE.bak")
     r3 = subprocess.run(cmd + ["--report-only"], env=env(PYTHONPATH=ROOT), capture_output=True, text=True, timeout=60)
     assert r3.returncode == 2 and "not finished" in r3.stderr and len(r3.stderr.strip().splitlines()) == 1, r3.stderr
@@ -189,17 +189,17 @@ def test_payoff_runs_the_three_arms_with_their_tuned_values(swept, tmp_path):
     (extra / "point.json").write_text(json.dumps({**json.load(open(run / "point.json")), "seed": 1}))
     r3 = subprocess.run(cmd + ["--report-only"], env=env(PYTHONPATH=ROOT), capture_output=True, text=True, timeout=60)
     shutil.rmtree(extra)
-    assert r3.returncode == 2 and "sp width 32 has no run" in r3.stderr, r3.stderr
+    assert r3.returncode == 2 and "sp width 64 has no run" in r3.stderr, r3.stderr
 
 
 def test_depth_rule_axis_runs_each_alpha_and_the_depth_report_reads_it(corpus, tmp_path):
     # --alphas "0 1" at depth 2: no depth rule (depth 2 is its own base) and CompleteP from base depth 1; 2 runs
     out = tmp_path / "depth"
-    args = sweep_args(corpus, out, widths="16", mults="0", depths="2", alphas="0 1", modes="mup", **{"base-depth": "1"})
+    args = sweep_args(corpus, out, widths="32", mults="0", depths="2", alphas="0 1", modes="mup", **{"base-depth": "1"})
     r = subprocess.run(SWEEP + args, env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     for alpha in (0, 1):
-        run = out / f"mup_d2_w16_x0_s0_a{alpha}"
+        run = out / f"mup_d2_w32_x0_s0_a{alpha}"
         point, cfg = json.load(open(run / "point.json")), json.load(open(run / "config.json"))["model_config"]
         assert point["alpha"] == alpha and (run / "DONE").read_text().strip() == "ok"
         assert (cfg["depth_alpha"], cfg["mup_base_n_layer"]) == ((1.0, 1) if alpha else (0.0, 2))
@@ -276,7 +276,7 @@ def test_fit_recovers_a_known_optimum_drift_and_its_interval():
 
 
 @pytest.mark.parametrize("mup", [0, 32])
-def test_init_scale_multiplies_every_init_std_but_the_scalars(mup):
+def test_init_scale_multiplies_every_init_std_but_the_scalars_and_gates(mup):
     import torch
 
     from nanochat.gpt import GPTConfig, build_model
@@ -289,7 +289,8 @@ def test_init_scale_multiplies_every_init_std_but_the_scalars(mup):
         models.append(dict(build_model(cfg, "cpu").named_parameters()))
     for name, p in models[0].items():
         q = models[1][name]
-        want = p if name in ("resid_lambdas", "x0_lambdas") else 2.5 * p  # same draws, scaled
+        fixed = name in ("resid_lambdas", "x0_lambdas", "smear_lambda", "backout_lambda") or "gate" in name
+        want = p if fixed else 2.5 * p  # same draws, scaled
         assert torch.allclose(q, want), name
     assert models[0]["transformer.wte.weight"].abs().sum() > 0
     with pytest.raises(ValueError, match="init_scale"):

@@ -17,7 +17,7 @@ from nanochat.tokenizer import Tokenizer
 
 def test_train_smoke_loss_decreases_and_files_written(corpus, tmp_path):
     out = tmp_path / "run"
-    r = train(corpus, out, "--num-iterations", "30", "--eval-every", "15", "--mup-base-width", "16",
+    r = train(corpus, out, "--num-iterations", "30", "--eval-every", "15", "--n-embd", "64", "--mup-base-width", "32",
               "--matrix-lr", "0.05", "--embedding-lr", "0.3", "--unembedding-lr", "0.05")
     assert "readout" in r.stdout and "lm_head.weight" in r.stdout  # the role table is printed
     m = metrics(out)
@@ -31,7 +31,7 @@ def test_train_smoke_loss_decreases_and_files_written(corpus, tmp_path):
     assert m[-1]["val_bpb"] < 0.8 * uniform_bpb
     assert (out / "loss.png").stat().st_size > 1000
     cfg = json.load(open(out / "config.json"))
-    assert cfg["model_config"]["mup_base_width"] == 16
+    assert cfg["model_config"]["mup_base_width"] == 32
     assert os.path.exists(out / "checkpoints" / "step_000030" / "meta.json")
     assert "sample:" in r.stdout
     s = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sample.py"), "--run", str(out), "--prompt",

@@ -165,11 +165,13 @@ def check_bundle(root):
         with open(path) as f:
             want = json.load(f)["files"]
     except (OSError, ValueError, KeyError):
-        fail(f"--bundle={args.bundle}: no readable bundle.json: make one with `bash scripts/gpu_check.sh --prepare DIR`")
+        fail(f"--bundle={args.bundle}: no readable bundle.json: make one with "
+             "`bash scripts/gpu_check.sh --prepare DIR`")
     have = manifest(root)
     for rel, meta in want.items():
         if have.get(rel) != meta:
-            fail(f"--bundle={args.bundle}: {rel} is {'changed' if rel in have else 'missing'}: prepare the bundle again")
+            what = "changed" if rel in have else "missing"
+            fail(f"--bundle={args.bundle}: {rel} is {what}: prepare the bundle again")
     return sum(m["bytes"] for m in want.values())
 
 

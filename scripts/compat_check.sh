@@ -16,11 +16,14 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV=${COMPAT_VENV:-$HOME/.cache/nanochat-mup/compat-torch2.11}
-PINS=(torch==2.11.0 triton==3.6.0 numpy pyarrow tiktoken tqdm matplotlib filelock pytest rustbpe)
-if [ "$(cat "$VENV/.pins" 2>/dev/null)" != "${PINS[*]}" ]; then
-    echo "compat_check: creating $VENV with ${PINS[*]} (a large download, once)"
-    rm -rf "$VENV"
+# numpy<2.4: Triton 3.6's interpreter converts 1-element arrays with int(), an error since NumPy 2.4 (Triton 3.7 fixed
+# it). Only the interpreter (CPU tests) is affected; the compiled kernels on a GPU never run that code.
+PINS=(torch==2.11.0 triton==3.6.0 "numpy<2.4" pyarrow tiktoken tqdm matplotlib filelock pytest rustbpe)
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "compat_check: creating $VENV (torch's CUDA build: a large download, once)"
     python3 -m venv "$VENV"
+fi
+if [ "$(cat "$VENV/.pins" 2>/dev/null)" != "${PINS[*]}" ]; then
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${PINS[@]}"
     echo "${PINS[*]}" >"$VENV/.pins"
 fi
@@ -32,7 +35,7 @@ LOG=$(mktemp)
 trap 'rm -f "$LOG"' EXIT
 t0=$SECONDS
 set +e
-env -u TRITON_INTERPRET PYTHONPATH="$PWD" "$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider "${TESTS[@]}" "$@" \
+env -u TRITON_INTERPRET PYTHONPATH="$PWD" "$VENV/bin/python" -m pytest -q -rfEs -p no:cacheprovider "${TESTS[@]}" "$@" \
     2>&1 | tee "$LOG"
 rc=${PIPESTATUS[0]}
 set -e
@@ -45,4 +48,5 @@ print(f"python {platform.python_version()} | torch {torch.__version__} (CUDA bui
 EOF
 echo "commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . 2>/dev/null || echo ' (uncommitted changes)')"
 echo "pytest (exit $rc): $(grep -E '^(=+ )?[0-9]+ (passed|failed)' "$LOG" | tail -n 1 | tr -d '=')"
+grep -E '^(FAILED|ERROR) ' "$LOG" | cut -c1-200 || true
 exit "$rc"

@@ -12,7 +12,8 @@ Stages, in order, with the seconds each is given on a 16-core H100 host (estimat
               its launcher with them at the first launch), Triton, the bundle
   smoke   120 fail fast: one Triton launch; attention fwd+bwd vs SDPA (bf16, head_dim 64 and 128, GQA, a window);
               the fused head fwd+bwd vs eager; 3 compiled bf16 base_train steps on both kernels
-  train   180 compiled bf16 base_train at a d12-like shape with `auto` (the checked kernel choice): tokens/s, MFU
+  train   180 compiled bf16 base_train at a d12-like shape with `auto` (the checked kernel choice): tokens/s, MFU;
+              with several GPUs, on all of them under torchrun
   attention 120 scripts/bench_attention.py: TFLOP/s vs SDPA (flash, cuDNN) and flex_attention, causal and a
               window, T 2k, 8k, 4k, 1k (in that order, until its share of the time is spent)
   head     50 scripts/bench_head.py: time and peak memory vs eager, compiled, chunked and F.linear_cross_entropy
@@ -358,7 +359,9 @@ def train():
              ["--depth", "12", "--aspect-ratio", "64", "--head-dim", "128", "--sequence-len", "2048",
               "--device-batch-size", "32", "--num-iterations", "40", "--compile", "1", "--dtype", "bfloat16"])
     out, log = os.path.join(TMP, "train_run"), os.path.join(OUT, "train.log")
-    rc = run([sys.executable, "scripts/base_train.py", *shape, "--window-pattern", "SSSL", "--eval-every", "0",
+    gpus = 0 if DRY else torch.cuda.device_count()  # several: every one, under torchrun (the sharded optimizer)
+    launch = [sys.executable] + ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"] * (gpus > 1)
+    rc = run([*launch, "scripts/base_train.py", *shape, "--window-pattern", "SSSL", "--eval-every", "0",
               "--eval-tokens", "65536" if not DRY else "512", "--out-dir", out, *DATA], log, timeout=max(left(), 1))
     metrics = os.path.join(out, "metrics.jsonl")
     if os.path.exists(metrics):
@@ -371,7 +374,8 @@ def train():
     mfu = [r["mfu"] for r in steady if "mfu" in r]
     note = f"{tok:,.0f} tokens/s" + (f", MFU {100 * statistics.median(mfu):.1f}%" if mfu else ", MFU n/a")
     config = json.load(open(os.path.join(out, "config.json")))
-    body = [f"{' '.join(shape)} --window-pattern SSSL: {sum(1 for _ in rows)} steps of {config['total_batch']:,} "
+    body = [f"{' '.join(shape)} --window-pattern SSSL on {max(gpus, 1)} device(s): {len(rows)} steps of "
+            f"{config['total_batch']:,} "
             f"tokens; median of steps {steady[0]['step']}-{steady[-1]['step']}: {note}; final val bpb "
             f"{rows[-1].get('val_bpb', float('nan')):.4f}", "", "```",
             *[line.strip() for line in open(log) if line.startswith(("kernel choice:", "done:"))], "```"]

@@ -5,7 +5,8 @@
 #   - the CUDA-path emulation (tests/test_cuda_path.py, and base_train's CUDA recipe in tests/test_train.py),
 #   - the sm_90 compile check of every launch config with Triton 3.6's compiler (tests/test_kernel_configs.py),
 #   - the sharded optimizer under torchrun (tests/test_dist.py, its first test: reduce-scatter and all-gather),
-#   - the CPU path without Triton (tests/test_no_triton.py).
+#   - the CPU path without Triton (tests/test_no_triton.py), base_train's kernel choice (tests/test_kernel_choice.py),
+#     and what the lent stack lacks or names differently (tests/test_lent_stack.py).
 #
 #     bash scripts/compat_check.sh [pytest args]
 #
@@ -30,7 +31,8 @@ fi
 
 TESTS=(tests/test_attention.py tests/test_head.py tests/test_cuda_path.py
        "tests/test_train.py::test_cuda_recipe_bf16_triton_kernels" tests/test_kernel_configs.py
-       "tests/test_dist.py::test_sharded_ranks_match_one_process_accumulating" tests/test_no_triton.py)
+       "tests/test_dist.py::test_sharded_ranks_match_one_process_accumulating" tests/test_no_triton.py
+       tests/test_kernel_choice.py tests/test_lent_stack.py)
 LOG=$(mktemp)
 trap 'rm -f "$LOG"' EXIT
 t0=$SECONDS

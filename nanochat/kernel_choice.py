@@ -217,13 +217,14 @@ def choose_kernels(model, batch_size, dtype, log=print):
         record["attention"].append(dict(case, **v))
         log(verdict_line(f"attention {name} head_dim {D} window {window} GQA {group}:1 layers {layers} "
                          f"(B={batch_size} T={T})", v, "sdpa", "sdpa"))
+    V, d = model.lm_head.weight.shape  # the head's own shape (a padded vocab included)
     impl, v = decide(
         cfg.head_impl, "chunked", device, head_torch.unsupported(device.type, dtype),
-        lambda: check_head(dtype, cfg.n_embd, cfg.vocab_size, cfg.logit_mult, cfg.softcap, device),
-        lambda: time_head(dtype, batch_size * T, cfg.n_embd, cfg.vocab_size, cfg.logit_mult, cfg.softcap, device))
+        lambda: check_head(dtype, d, V, cfg.logit_mult, cfg.softcap, device),
+        lambda: time_head(dtype, batch_size * T, d, V, cfg.logit_mult, cfg.softcap, device))
     model.head_impl = impl
-    record["head"] = dict(dtype=name, vocab=cfg.vocab_size, d=cfg.n_embd, tokens=batch_size * T, **v)
-    log(verdict_line(f"head {name} vocab {cfg.vocab_size} (N={batch_size * T} d={cfg.n_embd})", v, "chunked", "eager"))
+    record["head"] = dict(dtype=name, vocab=V, d=d, tokens=batch_size * T, **v)
+    log(verdict_line(f"head {name} vocab {V} (N={batch_size * T} d={d})", v, "chunked", "eager"))
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the timing inputs are gone; give their blocks back before training allocates
     return record

@@ -57,12 +57,15 @@ def compute_dtype(q, k, v):
     return q.dtype if q.dtype == k.dtype == v.dtype else None
 
 
-def unsupported(device_type, dtype, head_dim):
-    """Why the Triton kernel cannot run this case (one phrase naming it), or None if it can."""
-    if why := triton_unavailable(device_type):
-        return why
+def unsupported(device_type, dtype, head_dim, auto=False):
+    """Why the Triton kernel cannot run this case (one phrase naming it), or None if it can. The case is judged
+    before the machine, so a case the kernel lacks is named the same on CPU and GPU. auto=True: also float32, which
+    `auto` leaves to SDPA: the fp32 tiles are 16-64 rows with three tf32 products per product (tf32x3), kept for
+    `triton` and for base_train's timed choice (nanochat/kernel_choice.py)."""
     if head_dim not in HEAD_DIMS:
         return f"head_dim={head_dim} (the kernels support {', '.join(map(str, HEAD_DIMS))})"
     if dtype not in DTYPES:
         return f"dtype {dtype} (the kernels support float32, bfloat16, float16)"
-    return None
+    if auto and dtype == torch.float32:
+        return "float32 under auto (it takes the kernel for bfloat16 and float16 only)"
+    return triton_unavailable(device_type)

@@ -207,14 +207,16 @@ def compute_dtype(x):
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
-def unsupported(device_type, dtype):
+def unsupported(device_type, dtype, auto=False):
     """Why the Triton head cannot run this case (one phrase naming it), or None if it can. Any d and V fit:
-    the kernels loop over d and vocab tiles with masks."""
-    if why := triton_unavailable(device_type):
-        return why
+    the kernels loop over d and vocab tiles with masks. auto=True: also float32, which `auto` leaves to the chunked
+    PyTorch head (cuBLAS TF32) rather than the kernel's three tf32 products per product (tf32x3), kept for
+    `triton` and for base_train's timed choice (nanochat/kernel_choice.py)."""
     if dtype not in DTYPES:
         return f"dtype {dtype} (the kernels support float32, bfloat16, float16)"
-    return None
+    if auto and dtype == torch.float32:
+        return "float32 under auto (it takes the kernel for bfloat16 and float16 only)"
+    return triton_unavailable(device_type)
 
 
 def chunked_linear_cross_entropy(x, weight, targets, *, logit_mult=1.0, softcap=0.0, ignore_index=-1,

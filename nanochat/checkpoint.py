@@ -156,16 +156,46 @@ def load_training_state(run_dir, meta, model, optimizer, rank, device):
     return streams
 
 
+def shared_dir_problem(run_dir, rank, world_size, device):
+    """Why the ranks cannot share run_dir, or None. Every rank writes a probe file there and looks for everyone's: with
+    nodes on separate disks, rank 0 would otherwise mark checkpoints complete (meta.json) that lack the other nodes'
+    files. Collective: every rank calls it, and all get the same answer."""
+    probe = os.path.join(run_dir, f".probe_rank{rank}")
+    atomic_write_text(probe, "")
+    dist.barrier()
+    seen = sum(os.path.exists(os.path.join(run_dir, f".probe_rank{r}")) for r in range(world_size))
+    fewest = torch.tensor([seen], device=device)
+    dist.all_reduce(fewest, op=dist.ReduceOp.MIN)
+    dist.barrier()  # everyone has looked: the probes can go
+    os.remove(probe)
+    dist.barrier()
+    if fewest.item() < world_size:
+        return (f"--out-dir={run_dir}: some ranks see only {fewest.item()} of the {world_size} ranks' files there: "
+                "with several nodes, pass a directory on a filesystem every node shares")
+    return None
+
+
+def missing_rank_files(run_dir, step, world_size, sharded):
+    """The per-rank files of checkpoint `step` that this process cannot see."""
+    names = [f"{kind}_rank{r}.pt" for r in range(world_size) for kind in ("loader", "rng")]
+    names += [optim_file(r, True) for r in range(world_size)] if sharded else []
+    return [n for n in names if not os.path.exists(os.path.join(ckpt_dir(run_dir, step), n))]
+
+
 def save_checkpoint(run_dir, step, rank, model, optimizer, sharded, loader_states, meta, device):
-    """Every rank writes its files (loader and RNG states, its optimizer shard when sharded); once all are on disk,
-    rank 0 writes the weights, the replicated optimizer state and meta.json, the commit mark."""
+    """Every rank writes its files (loader and RNG states, its optimizer shard when sharded); once all are on disk and
+    visible to rank 0, rank 0 writes the weights, the replicated optimizer state and meta.json, the commit mark."""
     ddp = dist.is_initialized()
+    world_size = dist.get_world_size() if ddp else 1
     cuda_rng = torch.cuda.get_rng_state() if device.type == "cuda" else None
     save_rank_files(run_dir, step, rank, loader_states, dict(cpu=torch.get_rng_state(), cuda=cuda_rng),
                     optimizer.state_dict() if sharded else None)
     if ddp:
         dist.barrier()
     if rank == 0:
+        if missing := missing_rank_files(run_dir, step, world_size, sharded):  # a node's disk was lost mid-run
+            raise RuntimeError(f"checkpoint step {step} in {run_dir}: rank 0 cannot see {', '.join(missing)}; "
+                               "not marking it complete: the run directory must be on a filesystem every node shares")
         save_main_files(run_dir, step, model, None if sharded else optimizer.state_dict(), meta)
     if ddp:
         dist.barrier()

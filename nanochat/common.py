@@ -73,6 +73,21 @@ def compute_setup(device="auto", dtype="auto"):
     return dev, dt, torch.autocast(device, dtype=dt) if dt != torch.float32 else nullcontext()
 
 
+# bf16 dense tensor-core peak (FLOP/s, half the data sheets' "with sparsity" figure) by a part of the GPU's name, the
+# first match winning: "NVIDIA H100 PCIe" 756e12, the SXM parts ("NVIDIA H100 80GB HBM3", "NVIDIA H200") 989e12
+PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12)]
+
+
+def peak_bf16_flops(device):
+    """bf16 dense peak of a CUDA device, for MFU; None off CUDA or for a GPU not in PEAK_BF16 (MFU then unshown)."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16 if key in name), None)
+
+
 def dist_init(device):
     """Join the torchrun process group: NCCL on CUDA, gloo elsewhere."""
     import torch.distributed as dist

@@ -18,6 +18,8 @@ Resuming: state_dict() holds the read cursor (epoch, unit, doc) and the buffered
 restored from it yields exactly the batches the original would have.
 """
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pyarrow.parquet as pq
 import torch
@@ -105,12 +107,18 @@ class DataLoader:
         while True:
             yield self.next_batch()
 
-    def state_dict(self):
+    def snapshot(self):
+        """The read position, cheap to take (buffered docs are never changed in place, so sharing them is safe)."""
+        return self.epoch, self.unit, self.doc, list(self.buffer)
+
+    def state_dict(self, snapshot=None):
+        """The state at `snapshot` (default: now)."""
+        epoch, unit, doc, buffer = snapshot or self.snapshot()
         return {
             "split": self.split, "rank": self.rank, "world_size": self.world_size, "seed": self.seed,
-            "epoch": self.epoch, "unit": self.unit, "doc": self.doc,
-            "lengths": torch.tensor([len(d) for d in self.buffer], dtype=torch.int64),
-            "tokens": torch.tensor([t for d in self.buffer for t in d], dtype=torch.int32),
+            "epoch": epoch, "unit": unit, "doc": doc,
+            "lengths": torch.tensor([len(d) for d in buffer], dtype=torch.int64),
+            "tokens": torch.tensor([t for d in buffer for t in d], dtype=torch.int32),
         }
 
     def load_state_dict(self, state):
@@ -133,30 +141,48 @@ class StepBatches:
     those). So 2 ranks x 1 micro-step and 1 process x 2 micro-steps (D=2) take the same optimizer step up to float
     summation order, and a checkpoint's per-stream states continue on any M. A rank runs every stream it has rows
     from (a stream split between two ranks is read by both); the rank holding a stream's first row saves its state.
-    G must be a multiple of D and of M."""
+    G must be a multiple of D and of M.
+
+    The next step's rows are read (tokenized, packed, pinned) in a background thread while the current step trains,
+    so the GPU does not wait for the data between steps; state_dicts() is the position after the rows handed out."""
 
     def __init__(self, tokenizer, data_dir, T, rows_per_step, streams, rank, world_size, device, seed):
         per_stream, self.per_rank = rows_per_step // streams, rows_per_step // world_size
         mine = range(rank * self.per_rank // per_stream, ((rank + 1) * self.per_rank - 1) // per_stream + 1)
         self.offset = rank * self.per_rank - mine[0] * per_stream  # where this rank's rows start in its streams
         self.owned = [s for s in mine if s * per_stream // self.per_rank == rank]
-        self.loaders = {s: DataLoader(tokenizer, data_dir, per_stream, T, "train", s, streams, device, seed=seed)
+        self.loaders = {s: DataLoader(tokenizer, data_dir, per_stream, T, "train", s, streams, "cpu", seed=seed)
                         for s in mine}
+        self.device = torch.device(device)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        self.ahead = None  # the next step's read, in flight
+        self.snapshots = [self.loaders[s].snapshot() for s in self.owned]  # of the rows handed out so far
+
+    def _read(self):
+        xs, ys = zip(*(loader.next_batch() for loader in self.loaders.values()))
+        x, y = (torch.cat(t)[self.offset:self.offset + self.per_rank] for t in (xs, ys))
+        if self.device.type == "cuda":  # pinned: the copy to the GPU then runs behind the queued work
+            x, y = x.pin_memory(), y.pin_memory()
+        return x, y, [self.loaders[s].snapshot() for s in self.owned]
 
     def next(self):
-        """This rank's (x, y) rows of the next step."""
-        xs, ys = zip(*(loader.next_batch() for loader in self.loaders.values()))
-        x, y = torch.cat(xs), torch.cat(ys)
-        return x[self.offset:self.offset + self.per_rank], y[self.offset:self.offset + self.per_rank]
+        """This rank's (x, y) rows of the next step; starts reading the step after."""
+        x, y, self.snapshots = (self.ahead or self.pool.submit(self._read)).result()
+        self.ahead = self.pool.submit(self._read)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def state_dicts(self):
-        """The states of the streams this rank saves."""
-        return [self.loaders[s].state_dict() for s in self.owned]
+        """The states of the streams this rank saves, after the rows handed out (not the ones read ahead)."""
+        return [self.loaders[s].state_dict(snap) for s, snap in zip(self.owned, self.snapshots, strict=True)]
 
     def load_state_dicts(self, states):
         """Continue from {stream: state} (checkpoint.load_stream_states), whichever world size saved them."""
+        if self.ahead:  # a read ahead of the old position is void
+            self.ahead.result()
+            self.ahead = None
         for s, loader in self.loaders.items():
             loader.load_state_dict(states[s])
+        self.snapshots = [self.loaders[s].snapshot() for s in self.owned]
 
 
 def global_batch(B, T, world_size, total_batch_size=0, resumed_total=0):

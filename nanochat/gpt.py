@@ -55,8 +55,10 @@ def has_value_embed(layer, n_layer):
 
 
 def norm(x):
-    # parameter-free RMSNorm: no gains, so no extra muP role to get wrong
-    return F.rms_norm(x, (x.size(-1),))
+    # parameter-free RMSNorm: no gains, so no extra muP role to get wrong. Computed in fp32 and returned in x's dtype
+    # on every device and torch version: CUDA autocast runs rms_norm in fp32 since torch 2.13 (CPU autocast and 2.11
+    # keep bf16), which would hand the attention op fp32 q, k on a GPU but bf16 ones in the CPU emulation.
+    return F.rms_norm(x.float(), (x.size(-1),)).to(x.dtype)
 
 
 def apply_rotary(x, cos, sin):
@@ -70,11 +72,12 @@ def apply_rotary(x, cos, sin):
 def attention(q, k, v, scale, window, impl, pos=0):
     """Causal attention of (B, T_q, H, D) q at positions pos.. on (B, T_k, H_kv, D) k, v at positions 0..;
     returns (B, T_q, H, D). T_q < T_k only when decoding with a KV cache. Dispatch: `auto` takes the Triton
-    kernel on CUDA where it supports the case, SDPA otherwise; `triton` fails in one line where it cannot run."""
+    kernel on CUDA where it supports the case in bf16/fp16, SDPA otherwise (base_train replaces `auto` by a checked
+    and timed choice per case: nanochat/kernel_choice.py); `triton` fails in one line where it cannot run."""
     if pos == 0 and (impl == "triton" or (impl == "auto" and q.is_cuda)):
         import kernels.attention_torch as attn  # never imports Triton
 
-        why = attn.unsupported(q.device.type, attn.compute_dtype(q, k, v), q.size(3))
+        why = attn.unsupported(q.device.type, attn.compute_dtype(q, k, v), q.size(3), auto=impl == "auto")
         if why is None:
             from kernels.attention import flash_attention  # lazy: Triton is only imported on this path
             return flash_attention(q, k, v, scale=scale, causal=True, window=window)
@@ -107,6 +110,7 @@ class CausalSelfAttention(nn.Module):
         self.ve_gate = None
         if config.value_embeds and has_value_embed(layer, config.n_layer):
             self.ve_gate = nn.Linear(VE_GATE_CHANNELS, config.n_kv_head, bias=False)
+        self.attn_impl = config.attn_impl  # nanochat/kernel_choice.py may resolve `auto` per layer
 
     def forward(self, x, cos, sin, window, kv_cache=None, ve=None):
         B, T, C = x.shape
@@ -123,7 +127,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             pos = kv_cache.pos
             k, v = kv_cache.update(self.layer, k, v)
-        y = attention(q, k, v, cfg.attn_scale, window, cfg.attn_impl, pos)
+        y = attention(q, k, v, cfg.attn_scale, window, self.attn_impl, pos)
         return self.c_proj(y.reshape(B, T, C))
 
 
@@ -173,6 +177,7 @@ class GPT(nn.Module):
         if config.backout:  # backout: x -= backout_lambda * (residual after the middle block), before the final norm
             self.backout_lambda = nn.Parameter(torch.empty(1))
         self.windows = config.windows()
+        self.head_impl = config.head_impl  # nanochat/kernel_choice.py may resolve `auto`
         cos, sin = self._rotary(config.sequence_len)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -465,7 +470,7 @@ class GPT(nn.Module):
             x = x - self.backout_lambda * x_mid
         x = norm(x)
         hooked = self.lm_head._forward_hooks or self.lm_head._forward_pre_hooks  # coord checks must see lm_head
-        if targets is not None and cfg.head_impl != "eager" and not hooked:
+        if targets is not None and self.head_impl != "eager" and not hooked:
             return self._fused_loss(x, targets, reduction)
         logits = self.lm_head(x)[..., :cfg.vocab_size].float()  # hooks on lm_head see the raw, unscaled logits
         logits = logits * cfg.logit_mult
@@ -497,11 +502,12 @@ class GPT(nn.Module):
 
         cfg = self.config
         fn = head.chunked_linear_cross_entropy  # both run the matmuls in autocast's dtype, as lm_head would
-        if cfg.head_impl == "triton" or (cfg.head_impl == "auto" and x.is_cuda):
-            why = head.unsupported(x.device.type, head.compute_dtype(x))
+        impl = self.head_impl
+        if impl == "triton" or (impl == "auto" and x.is_cuda):
+            why = head.unsupported(x.device.type, head.compute_dtype(x), auto=impl == "auto")
             if why is None:
                 from kernels.head import fused_linear_cross_entropy as fn  # lazy: Triton is only imported here
-            elif cfg.head_impl == "triton":
+            elif impl == "triton":
                 raise ValueError(f"head_impl='triton' cannot run {why}: use head_impl='chunked' (--head-impl chunked)")
         B, T, C = x.shape
         W = self.lm_head.weight[:cfg.vocab_size]  # the padding rows are never scored (a contiguous view)

@@ -19,11 +19,13 @@ update and the weight agree in sign). Each addition is a group flag (eq, renorm,
 cautious), from OptimConfig.
 """
 
-import math
-
 import torch
 import torch.distributed as dist
 from torch.optim.adamw import adamw
+
+# torch 2.13 renamed the tensor collectives (the old names warn there); torch 2.11 has only the old names
+reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
 # Polar Express: per-iteration coefficients (a, b, c) of X <- a X + b (X X^T) X + c (X X^T)^2 X,
 # from the paper's optimised schedule for 5 iterations
@@ -280,7 +282,7 @@ class DistMuonAdamW(MuonAdamW):
         for group in groups:
             grads = self._stack(group, [p.grad for p in group["params"]])
             shard = grads.new_empty(grads.size(0) // self.world_size, *grads.shape[1:])
-            reduced.append((shard, dist.reduce_scatter_tensor(shard, grads, op=dist.ReduceOp.AVG, async_op=True)))
+            reduced.append((shard, reduce_scatter(shard, grads, op=dist.ReduceOp.AVG, async_op=True)))
         gathered = []
         for group, (grad, work) in zip(groups, reduced):
             work.wait()
@@ -293,7 +295,7 @@ class DistMuonAdamW(MuonAdamW):
             else:
                 self._adamw_shard(group, state, mine, grad)
             full = mine.new_empty(k * self.world_size, *mine.shape[1:])
-            gathered.append((group, full, dist.all_gather_single(full, mine, async_op=True)))
+            gathered.append((group, full, all_gather(full, mine, async_op=True)))
         for group, full, work in gathered:
             work.wait()
             torch._foreach_copy_(group["params"], self._unstack(group, full))
@@ -317,16 +319,6 @@ def average_gradients(params):
     works = [dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, async_op=True) for p in params]
     for w in works:
         w.wait()
-
-
-def params_finite(params):
-    """Whether every weight is finite, agreed over the ranks when distributed (every rank holds the same weights;
-    agreeing explicitly keeps them in lockstep regardless). Max |w| per tensor in one fused op: a norm could
-    overflow on finite weights."""
-    worst = torch.stack(torch._foreach_norm(list(params), ord=math.inf)).max().reshape(1)
-    if dist.is_initialized():
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    return math.isfinite(worst.item())
 
 
 def replica_checksum(params, world_size):

@@ -1,13 +1,13 @@
 """
 Byte-level BPE tokenizer: trained with rustbpe, run with tiktoken.
 The Encoding is always built from our own learned ranks (tiktoken.get_encoding needs the network).
+rustbpe is imported only to train: loading a trained tokenizer (training, sampling, the GPU check) needs tiktoken alone.
 """
 
 import io
 import os
 import pickle
 
-import rustbpe
 import tiktoken
 import torch
 
@@ -42,6 +42,11 @@ class Tokenizer:
         n_learned = vocab_size - len(SPECIAL_TOKENS)
         if n_learned < 256:
             raise ValueError(f"vocab_size={vocab_size} is too small: use >= 256 + {len(SPECIAL_TOKENS)}")
+        try:
+            import rustbpe
+        except ImportError:
+            raise ImportError("training a tokenizer needs rustbpe, which is not installed: pip install rustbpe "
+                              "(or load a trained one with Tokenizer.load)") from None
         tok = rustbpe.Tokenizer()
         tok.train_from_iterator(text_iterator, n_learned, pattern=SPLIT_PATTERN)
         ranks = {bytes(b): rank for b, rank in tok.get_mergeable_ranks()}

@@ -224,7 +224,8 @@ torch.save(dict(init=init, batches=batches, logits=logits, losses=losses), sys.a
 
 def check(checkout):
     """nanochat's GPT + MuonAdamW (its setup_optimizer, momentum 0.95, no schedules) against this repo's SP model at
-    the same config, loaded with nanochat's initial weights: the init logits and 8 steps' losses."""
+    the same config and the same optimizer settings (Muon+ renormalisation on, as nanochat has it), loaded with
+    nanochat's initial weights: the init logits and 8 steps' losses."""
     import tempfile
 
     import torch
@@ -239,7 +240,7 @@ def check(checkout):
     model = build_model(cfg, "cpu")
     model.load_state_dict(ref["init"], strict=True)  # the same parameter names, shapes and padding
     opt = model.setup_optimizer(unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02, weight_decay=0.28,
-                                scalar_lr=0.5, muon_momentum=0.95)
+                                scalar_lr=0.5, muon_momentum=0.95, muon_renorm=True)  # nanochat's Muon+ step too
     logits = model(ref["batches"][0][0]).detach()
     print(f"init logits: max |ours - nanochat| = {(logits - ref['logits']).abs().max().item():.3g} "
           f"(max |logit| {ref['logits'].abs().max().item():.3g})")

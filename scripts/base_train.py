@@ -17,6 +17,7 @@ before anything is written); 3 non-finite loss, gradient, weights after an updat
 line naming the step; nothing of that step is logged or saved, so the last good checkpoint stays the latest).
 """
 
+import importlib.util
 import math
 import os
 import re
@@ -142,6 +143,8 @@ if not args.window_pattern or set(args.window_pattern) - {"L", "S"}:
 out_dir = os.path.abspath(args.out_dir or os.path.join("runs", args.run or "base"))
 if not args.out_dir:  # the default path gets the same checks as an explicit one
     parser.check_path("--out-dir", out_dir, "out")
+if args.run and importlib.util.find_spec("wandb") is None:
+    parser.error(f"--run={args.run} logs to wandb, which is not installed: pip install wandb, or drop --run")
 
 import torch  # noqa: E402  (the options are checked first: a bad one fails fast)
 import torch.distributed as dist  # noqa: E402
@@ -153,20 +156,18 @@ from nanochat.checkpoint import (  # noqa: E402
     load_training_state,
     resume_problem,
     save_checkpoint,
+    shared_dir_problem,
     total_batch_of,
 )
-from nanochat.common import compute_setup, dist_init, get_base_dir, get_dist_info  # noqa: E402
+from nanochat.common import compute_setup, dist_init, get_base_dir, get_dist_info, peak_bf16_flops  # noqa: E402
 from nanochat.dataloader import DataLoader, StepBatches, global_batch  # noqa: E402
 from nanochat.dataset import list_shards, max_docs_per_row_group  # noqa: E402
 from nanochat.engine import sample_texts  # noqa: E402
 from nanochat.gpt import GPTConfig, build_model  # noqa: E402
+from nanochat.health import LateChecks, weights_max  # noqa: E402
+from nanochat.kernel_choice import agree_across_ranks, choose_kernels  # noqa: E402
 from nanochat.loss_eval import evaluate_bpb  # noqa: E402
-from nanochat.optim import (  # noqa: E402
-    DistMuonAdamW,
-    average_gradients,
-    params_finite,
-    replica_checksum,
-)
+from nanochat.optim import DistMuonAdamW, average_gradients, replica_checksum  # noqa: E402
 from nanochat.report import RunLog, plot_losses, print_role_table  # noqa: E402
 from nanochat.tokenizer import Tokenizer, get_token_bytes, tokenizer_dir  # noqa: E402
 
@@ -275,6 +276,7 @@ if sharded:  # same groups, ZeRO-2 step: reduce-scatters the raw local gradients
     optimizer = DistMuonAdamW(optimizer.param_groups, rank, world_size)
 if master:
     print_role_table(model, model.param_rules(hp))
+kernel_choice = choose_kernels(model, B, dtype, log)  # checked and timed per case; compiled below as chosen
 train_model = torch.compile(model, dynamic=False) if use_compile else model
 
 
@@ -295,7 +297,7 @@ def set_schedules(step):
 
 meta = dict(model_config=asdict(config), args=vars(args), world_size=world_size, data_dir=data_dir,
             tokenizer_dir=os.path.abspath(tok_dir), optimizer_sharded=sharded, data_streams=data_streams,
-            total_batch=total_batch,
+            total_batch=total_batch, kernels=kernel_choice,
             depth_factors=config.depth_factors())  # the depth rule's (CompleteP; all 1 without it)
 start_step = 0
 if args.resume:
@@ -315,6 +317,9 @@ elif complete_steps(out_dir):
 # every input is checked: only now join the other ranks and write anything
 if ddp:
     dist_init(device)
+    if problem := shared_dir_problem(out_dir, rank, world_size, device):
+        parser.error(problem)
+    agree_across_ranks(model, kernel_choice, log)
 run_log = RunLog(out_dir, meta, master, start_step, args.run)
 
 
@@ -366,7 +371,15 @@ log(f"{sum(p.numel() for p in model.parameters()):,} params | {num_steps} steps 
     f"(grad accum {grad_accum}, world {world_size}) | {device_type} {str(dtype).split('.')[-1]}"
     f"{' compiled' if use_compile else ''} | out {out_dir}")
 flops_per_token = model.num_flops_per_token()
-peak_flops = 989e12 if device_type == "cuda" else None  # H100 bf16 dense; MFU is only shown on CUDA
+peak_flops = peak_bf16_flops(device) if dtype == torch.bfloat16 else None  # MFU: bf16 on a GPU of known peak
+checks = LateChecks()
+
+
+def used(s):
+    """Whether step s's results are used at once (evaluated, sampled, saved or the last step): checked at once."""
+    return s == num_steps or any(n and s % n == 0 for n in (args.eval_every, args.sample_every, args.save_every))
+
+
 bar = tqdm(range(start_step, num_steps), initial=start_step, total=num_steps, disable=not master, dynamic_ncols=True)
 t_last = time.time()
 for step in bar:
@@ -383,46 +396,53 @@ for step in bar:
         loss_sum += loss.detach()
     if ddp and not sharded:  # the replicated optimizer needs the averaged gradients (what DDP does)
         average_gradients(model.parameters())
-    # non-finite guard, decided jointly: any rank's nan/inf loss or local gradient makes the average non-finite
+    # non-finite guard, decided jointly: any rank's nan/inf loss or local gradient makes the average non-finite.
+    # Read a step late (nanochat/health.py: no host sync while the GPU has work), at once for a step that is used.
     grad_norms = torch.stack(torch._foreach_norm([p.grad for p in model.parameters()])).sum()  # no squares: no overflow
     health = torch.stack([loss_sum / grad_accum, grad_norms])
     if ddp:
         dist.all_reduce(health, op=dist.ReduceOp.AVG)
-    train_loss, grad_norms = health.tolist()
-    if not math.isfinite(train_loss + grad_norms):
-        stop(step + 1, f"non-finite loss {train_loss} or gradient norms {grad_norms} before the update")
+    overflow = None
     try:
         optimizer.step()
     except RuntimeError as e:  # torch refuses an update scalar that overflows float32 (a huge lr / bias correction)
         if "overflow" not in str(e):
             raise
-        stop(step + 1, f"the update overflows float32 ({e})")
+        overflow = f"the update overflows float32 ({e})"
     model.zero_grad(set_to_none=True)
     if step + 1 == args.debug_inject_nan_step and args.debug_inject_nan_into == "weights":
         with torch.no_grad():
             next(model.parameters()).view(-1)[0] = float("nan")
-    if not params_finite(model.parameters()):  # a finite gradient can still overflow the update (a huge LR)
-        stop(step + 1, "non-finite parameters after the update")
     dt, t_last = time.time() - t_last, time.time()
     tok_per_s = total_batch / dt
-    row = dict(step=step + 1, train_loss=train_loss, lr_mult=lr_mult, tok_per_s=tok_per_s, dt=dt)
-    postfix = dict(loss=f"{train_loss:.3f}", tok_s=f"{tok_per_s:,.0f}")
+    row = dict(step=step + 1, train_loss=None, lr_mult=lr_mult, tok_per_s=tok_per_s, dt=dt)
     if peak_flops:
         row["mfu"] = flops_per_token * tok_per_s / (peak_flops * world_size)
-        postfix["mfu"] = f"{100 * row['mfu']:.1f}%"
-    last = step + 1 == num_steps
-    if last or (args.eval_every and (step + 1) % args.eval_every == 0):
-        row["val_bpb"] = evaluate()
-        if not math.isfinite(row["val_bpb"]):
-            stop(step + 1, f"non-finite val bpb {row['val_bpb']}")
-        log(f"step {step + 1}: train loss {train_loss:.4f} | val bpb {row['val_bpb']:.4f}")
-    bar.set_postfix(postfix)
-    run_log.log(row)
-    if last or (args.sample_every and (step + 1) % args.sample_every == 0):
-        if not sample():
-            stop(step + 1, "non-finite logits while sampling")
-    if last or (args.save_every and (step + 1) % args.save_every == 0):
-        save_checkpoint(out_dir, step + 1, rank, model, optimizer, sharded, batches.state_dicts(), meta, device)
+    if overflow:  # the earlier steps still count; this one stops the run
+        rows, failed = checks.settle()
+        failed = failed or (step + 1, overflow)
+    else:
+        rows, failed = checks.push(row, health[0], health[1], weights_max(model.parameters()), now=used(step + 1))
+    for row in rows:  # steps whose loss, gradients and weights are finite, oldest first
+        s, train_loss = row["step"], row["train_loss"]
+        last = s == num_steps
+        if last or (args.eval_every and s % args.eval_every == 0):
+            row["val_bpb"] = evaluate()
+            if not math.isfinite(row["val_bpb"]):
+                stop(s, f"non-finite val bpb {row['val_bpb']}")
+            log(f"step {s}: train loss {train_loss:.4f} | val bpb {row['val_bpb']:.4f}")
+        postfix = dict(loss=f"{train_loss:.3f}", tok_s=f"{row['tok_per_s']:,.0f}")
+        if "mfu" in row:
+            postfix["mfu"] = f"{100 * row['mfu']:.1f}%"
+        bar.set_postfix(postfix)
+        run_log.log(row)
+        if last or (args.sample_every and s % args.sample_every == 0):
+            if not sample():
+                stop(s, "non-finite logits while sampling")
+        if last or (args.save_every and s % args.save_every == 0):
+            save_checkpoint(out_dir, s, rank, model, optimizer, sharded, batches.state_dicts(), meta, device)
+    if failed:
+        stop(*failed)
     t_last = time.time()  # eval, sampling and saving do not count against throughput
 bar.close()
 if ddp:  # every rank must hold the same weights

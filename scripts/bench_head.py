@@ -2,10 +2,12 @@
 Time and peak memory of the output head (lm_head matmul + logit multiplier + softcap + cross-entropy),
 forward + backward, for each implementation. Writes dev/bench_head_<device>.md.
 
-Time: all cases in one process, interleaved round by round (a shared machine's load then hits all
-alike). Peak memory on CPU: each case runs one forward+backward in a fresh subprocess; its RSS high-water
-mark minus that of a subprocess that only allocates the inputs. CUDA: torch.cuda.max_memory_allocated
-above the inputs during one forward+backward after a warmup.
+Time on CPU: all cases in one process, interleaved round by round (a shared machine's load then hits all
+alike). CUDA: one case after the other, each row written the moment it is measured. Peak memory on CPU: each case
+runs one forward+backward in a fresh subprocess; its RSS high-water mark minus that of a subprocess that only
+allocates the inputs. CUDA: torch.cuda.max_memory_allocated above the inputs during one forward+backward after a
+warmup. F.linear_cross_entropy (torch 2.13+) is left out where torch lacks it; the triton case runs on CPU only
+under TRITON_INTERPRET=1 (plumbing, for scripts/gpu_check.sh's dry run).
 
     python scripts/bench_head.py                       # CPU fp32 N=8192 d=512 V=32768
     python scripts/bench_head.py --device cuda         # bf16 N=16384 d=1024 V=65536
@@ -26,9 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from kernels.head_torch import chunked_linear_cross_entropy, eager_linear_cross_entropy
-from nanochat.common import ArgParser
+from nanochat.common import ArgParser, atomic_write_text
 
 CASES = ["eager", "compile", "F.linear_cross_entropy", "chunked", "triton"]
+HAS_LCE = hasattr(F, "linear_cross_entropy")  # torch 2.13+
 DTYPES = ["float32", "bfloat16", "float16"]
 
 
@@ -54,7 +57,9 @@ def parse_args():
     a.d = a.d or (512 if cpu else 1024)
     a.V = a.V or (32768 if cpu else 65536)
     a.iters = a.iters or (3 if cpu else 20)
-    a.cases = a.cases or [c for c in CASES if c != "triton" or not cpu]
+    a.cases = a.cases or [c for c in CASES if (c != "triton" or not cpu) and (c != "F.linear_cross_entropy" or HAS_LCE)]
+    if "F.linear_cross_entropy" in a.cases and not HAS_LCE:
+        p.error(f"--cases=F.linear_cross_entropy: torch {torch.__version__} has none (2.13+): drop it from --cases")
     return a
 
 
@@ -66,8 +71,7 @@ def make_step(case, a):
         f = torch.compile(eager_linear_cross_entropy, fullgraph=True)
         return lambda x, w, t: f(x, w, t, **kw)
     if case == "F.linear_cross_entropy":  # no softcap support: multiplier folded into x, softcap 0
-        opts = torch.nn.LinearCrossEntropyOptions()
-        return lambda x, w, t: F.linear_cross_entropy(x * a.logit_mult, w, t, options=opts)
+        return lambda x, w, t: F.linear_cross_entropy(x * a.logit_mult, w, t)
     impl = chunked_linear_cross_entropy
     if case == "triton":
         from kernels.head import fused_linear_cross_entropy as impl  # only this case needs Triton
@@ -97,12 +101,13 @@ def fwd_bwd(step, x, w, t, a):
     return time.perf_counter() - t0
 
 
-def time_cases(a):
-    """Median fwd+bwd time per case, with the cases interleaved round by round so that load changes on a
-    shared machine hit all of them alike."""
+def time_cases(a, cases=None):
+    """Median fwd+bwd time per case (default: all), with the cases interleaved round by round so that load changes
+    on a shared machine hit all of them alike."""
+    cases = cases or a.cases
     x, w, t = make_inputs(a)
-    steps = {case: make_step(case, a) for case in a.cases}
-    times = {case: [] for case in a.cases}
+    steps = {case: make_step(case, a) for case in cases}
+    times = {case: [] for case in cases}
     for i in range(a.warmup + a.iters):
         for case, step in steps.items():
             dt = fwd_bwd(step, x, w, t, a)
@@ -150,17 +155,21 @@ def main():
     a = parse_args()
     if a.worker:
         return worker(a)
+    rows = {}
     if a.device == "cpu":  # each case in a fresh process so RSS high-water marks don't mix
         base = peak_mib_cpu("inputs", a)
         mem = {case: peak_mib_cpu(case, a) - base for case in a.cases}
-    else:
-        mem = {case: peak_mib_cuda(case, a) for case in a.cases}
-    print("peak MiB:", {case: round(m, 1) for case, m in mem.items()}, flush=True)
-    times = time_cases(a)
-    rows = {case: (times[case], mem[case]) for case in a.cases}
+        print("peak MiB:", {case: round(m, 1) for case, m in mem.items()}, flush=True)
+        times = time_cases(a)
+        rows = {case: (times[case], mem[case]) for case in a.cases}
+    for case in a.cases if a.device == "cuda" else []:  # a row at a time, written as it is measured
+        mib = peak_mib_cuda(case, a)
+        rows[case] = (time_cases(a, [case])[case], mib)
+        write_markdown(a, rows)
     for case, (ms, mib) in rows.items():
         print(f"{case:24s} {ms:9.1f} ms {mib:9.1f} MiB")
     write_markdown(a, rows)
+    print(f"wrote {a.out or 'dev/bench_head_' + a.device + '.md'}")
 
 
 def write_markdown(a, rows):
@@ -177,7 +186,7 @@ def write_markdown(a, rows):
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- shape: N={a.N} d={a.d} V={a.V} {a.dtype}, logit_mult={a.logit_mult} softcap={a.softcap}, "
         f"chunk_size={a.chunk_size or 'auto'}; forward+backward, median of {a.iters} after {a.warmup} "
-        "warmup, cases interleaved round by round in one process",
+        "warmup, " + ("cases interleaved round by round in one process" if cpu else "one case after the other"),
         f"- peak memory: {mem_kind}; F.linear_cross_entropy has no softcap (runs with softcap 0)",
         "",
         "| case | time (ms) | peak mem (MiB) | time / eager | mem / eager |",
@@ -185,10 +194,7 @@ def write_markdown(a, rows):
     ]
     for case, (ms, mib) in rows.items():
         lines.append(f"| {case} | {ms:.1f} | {mib:.1f} | {ms / e_time:.2f} | {mib / e_mem:.3f} |")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"wrote {out}")
+    atomic_write_text(out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

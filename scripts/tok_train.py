@@ -4,6 +4,7 @@ Train the BPE tokenizer on the train split of a data dir and save it (plus token
 Idempotent: reruns with the same arguments reuse the saved tokenizer.
 """
 
+import importlib.util
 import json
 import os
 import time
@@ -36,6 +37,9 @@ if saved_meta() == meta:
     print(f"tokenizer in {out} is already trained with {meta}")
     tok = Tokenizer.load(out)
 else:
+    if importlib.util.find_spec("rustbpe") is None:  # only training needs it
+        parser.error("training a tokenizer needs rustbpe, which is not installed: pip install rustbpe")
+
     def text_iterator():
         # the train split, capped at max_chars (the last doc is cut to fit)
         n = 0

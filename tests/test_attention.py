@@ -63,22 +63,38 @@ def test_fp32_matches_fp64_reference(B, T, H, H_kv, D, causal, window, scale):
         assert rel_err(x, r) < 1e-5, f"{name}: {rel_err(x, r):.2e}"
 
 
-GPU_TILES = sorted({(m, n) for table in (attention._FWD_CONFIGS, attention._DKDV_CONFIGS, attention._DQ_CONFIGS)
-                    for configs in table.values() for m, n, _, _ in configs} - {(64, 64)})
+# every listed launch config's tile, once per kernel: (kernel, BLOCK_M, BLOCK_N) -> the first (bytes per element,
+# head_dim, num_warps, num_stages) listing it. The test runs each exactly as listed (so on CUDA the autotuner's prune
+# keeps it, and it is one of the configs the sm_90 compile check covers) in its dtype; the other two kernels keep
+# their own configs.
+KERNELS = {"fwd": (attention._attn_fwd, attention._FWD_CONFIGS),
+           "dkdv": (attention._attn_bwd_dkdv, attention._DKDV_CONFIGS),
+           "dq": (attention._attn_bwd_dq, attention._DQ_CONFIGS)}
+TILES = {}
+for _name, (_, _table) in KERNELS.items():
+    for (_size, _d), _configs in sorted(_table.items()):
+        for _m, _n, _w, _s in _configs:
+            TILES.setdefault((_name, _m, _n), (_size, _d, _w, _s))
 
 
-@pytest.mark.parametrize("block_m,block_n", GPU_TILES)
-def test_gpu_tile_shapes(block_m, block_n, monkeypatch):
+@pytest.mark.parametrize("kernel,block_m,block_n", sorted(TILES))
+def test_gpu_tile_shapes(kernel, block_m, block_n, monkeypatch):
     # the interpreter otherwise only runs 64x64; the tile-range logic must hold for the CUDA shapes too
-    for kernel in (attention._attn_fwd, attention._attn_bwd_dkdv, attention._attn_bwd_dq):
-        monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n})])
+    size, D, warps, stages = TILES[kernel, block_m, block_n]
+    tuner = KERNELS[kernel][0]
+    monkeypatch.setattr(tuner, "configs", [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps,
+                                                         num_stages=stages)])
+    monkeypatch.setattr(tuner, "cache", {})  # a tuning cached by an earlier test would bypass the config
     for window in (None, 45, 150):
-        q, k, v, do = _inputs(1, 200, 2, 1, 32, torch.float32)
-        kw = dict(scale=_scale("sp", 32), window=window)
-        out = _run(flash_attention, q, k, v, do, **kw)
-        ref = _run(attention_reference, q.double(), k.double(), v.double(), do.double(), **kw)
-        for name, x, r in zip("o dq dk dv".split(), out, ref, strict=True):
-            assert rel_err(x, r) < 1e-5, f"{name} window={window}: {rel_err(x, r):.2e}"
+        if size == 4:  # fp32: against fp64, as test_fp32_matches_fp64_reference
+            q, k, v, do = _inputs(1, 170, 2, 1, D, torch.float32)  # T: a ragged last tile for every tile size
+            kw = dict(scale=_scale("sp", D), window=window)
+            out = _run(flash_attention, q, k, v, do, **kw)
+            ref = _run(attention_reference, q.double(), k.double(), v.double(), do.double(), **kw)
+            for name, x, r in zip("o dq dk dv".split(), out, ref, strict=True):
+                assert rel_err(x, r) < 1e-5, f"{name} window={window}: {rel_err(x, r):.2e}"
+        else:  # bf16 tiles: flash-attn's rule, as test_gpu_low_precision
+            _check_low_precision(1, 170, 2, 1, D, True, window, "sp", torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -73,6 +73,23 @@ def test_bf16_autocast_training_step_matches_sdpa_eager():
         assert err <= 2 * ref_err + 2**-7, (name, err, ref_err)
 
 
+def test_attention_gets_one_dtype_whatever_autocast_does_to_rms_norm(monkeypatch):
+    # torch 2.13's CUDA autocast runs rms_norm in fp32 (CPU autocast and torch 2.11 keep bf16). Emulated here: the
+    # QK-norm must still hand the attention op q, k, v in the compute dtype, as in the CPU emulation above
+    import torch.nn.functional as F
+
+    import nanochat.gpt as gpt
+
+    rms, attn, seen = F.rms_norm, gpt.attention, []
+    monkeypatch.setattr(F, "rms_norm", lambda x, *a, **kw: rms(x.float(), *a, **kw))  # fp32 out, as on CUDA
+    monkeypatch.setattr(gpt, "attention", lambda q, k, v, *a: seen.append((q.dtype, k.dtype, v.dtype)) or attn(q, k, v,
+                                                                                                            *a))
+    x, y = batch()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        model("sdpa", "chunked")(x, y)
+    assert seen == [(torch.bfloat16,) * 3] * CFG["n_layer"]
+
+
 # -----------------------------------------------------------------------------
 # dispatch
 

@@ -64,6 +64,12 @@ def test_cuda_recipe_bf16_triton_kernels(corpus, tmp_path):
               "--window-pattern", "SL", "--num-iterations", "8", "--eval-every", "0", "--matrix-lr", "0.05",
               "--unembedding-lr", "0.05")
     assert f"{DEVICE} bfloat16" in r.stdout + r.stderr
+    # the explicit `triton` is kept and still checked: each case's verdict printed once and recorded in config.json
+    kernels = json.load(open(out / "config.json"))["kernels"]
+    assert [(k["window"], k["impl"], k["reason"], k["correct"]) for k in kernels["attention"]] == [
+        (16, "triton", "forced by triton", True), (None, "triton", "forced by triton", True)]
+    assert kernels["head"]["impl"] == "triton" and kernels["head"]["correct"]
+    assert r.stdout.count("kernel choice: ") == 3 and r.stdout.count("-> triton (forced by triton)") == 3
     m = metrics(out)
     assert len(m) == 8 and all(math.isfinite(row["train_loss"]) for row in m)
     assert m[-1]["train_loss"] < 0.9 * m[0]["train_loss"]
@@ -110,6 +116,14 @@ def test_bad_cli_input_gives_one_line_error(corpus, tmp_path, args, message):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_unsupported_triton_case_is_named_without_the_interpreter(corpus, tmp_path):
+    # as on a CUDA machine, where conftest leaves TRITON_INTERPRET unset: the case (head_dim), not the device, is named
+    r = train(corpus, tmp_path / "bad", "--n-embd", "96", "--attn-impl", "triton", check=False,
+              env={"TRITON_INTERPRET": "0"})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "--attn-impl=triton cannot run head_dim=48" in r.stderr
 
 
 def test_missing_corpus_gives_one_line_error(corpus, tmp_path):

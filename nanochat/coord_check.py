@@ -187,15 +187,16 @@ def drop_init_noise(model):
 
 
 def run_one(width, mup, steps=10, seed=0, matrix_optimizer="muon", base_width=64, head_dim=32, depth=2,
-            B=8, T=64, data=None, lr_mult=CHECK_LR_MULT, weight_decay=0.0, n_kv_head=0, n_head=0, device="cpu"):
-    """Train `steps` real optimizer steps (the model's own setup_optimizer, every LR x `lr_mult`) and measure after
-    each.
+            B=8, T=64, data=None, lr_mult=CHECK_LR_MULT, weight_decay=0.0, n_kv_head=0, n_head=0, device="cpu",
+            **hp):
+    """Train `steps` real optimizer steps (the model's own setup_optimizer with OptimConfig fields `hp`, every LR x
+    `lr_mult`) and measure after each.
     Returns {step: {quantity: value}}; step 0 is the init (and the shapes)."""
     data = load_text_bytes() if data is None else data
     torch.manual_seed(seed)
     model = build_model(coord_config(width, mup, base_width, head_dim, depth, T, n_kv_head=n_kv_head, n_head=n_head),
                         device)
-    opt = model.setup_optimizer(matrix_optimizer=matrix_optimizer, weight_decay=weight_decay)
+    opt = model.setup_optimizer(matrix_optimizer=matrix_optimizer, weight_decay=weight_decay, **hp)
     for g in opt.param_groups:
         g["lr"] = g["base_lr"] = g["base_lr"] * lr_mult
     train = byte_batches(data, B, T, steps, seed=1000 + seed, split="train", device=device)
@@ -234,13 +235,17 @@ def run_coord_check(widths, modes=("sp", "mup"), steps=10, seeds=(0, 1, 2), matr
 
 
 @torch.no_grad()
-def muon_step_spectral(model, opt, seed=0):
+def muon_step_spectral(model, opt, seed=0, rank=0):
     """||Delta W||_2 / lr of one optimizer step on a seeded Gaussian gradient, per block-matrix kind (mean over
     layers). The spectral condition (Yang, Simon & Bernstein 2023) wants it to scale like sqrt(fan_out/fan_in)
-    across widths; a Gaussian gradient is full rank, so this isolates the optimizer's rule from the data."""
+    across widths; a Gaussian gradient is full rank, so this isolates the optimizer's rule from the data. `rank` > 0:
+    matrices get a product of Gaussians of that inner dimension instead (the low-rank gradients of small batches)."""
     g = torch.Generator().manual_seed(seed)
     for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=g).to(p.device)
+        if rank and p.ndim == 2:
+            p.grad = (torch.randn(p.shape[0], rank, generator=g) @ torch.randn(rank, p.shape[1], generator=g)).to(p.device)
+        else:
+            p.grad = torch.randn(p.shape, generator=g).to(p.device)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     lrs = {n: grp["lr"] for grp in opt.param_groups for n in grp["names"]}
     opt.step()

@@ -59,7 +59,7 @@ def coord_rows(setup, widths, steps, seeds, **kw):
 
 def check_coord_rows(rows, min_step=3, act_tol=0.1, upd_tol=0.15):
     mup = [r for r in rows if r["mode"] == "mup" and r["step"] >= min_step and r["measured"] is not None]
-    acts = [r for r in mup if r["quantity"].startswith("act/")]
+    acts = [r for r in mup if r["quantity"].startswith("act/") and r["check"] != "info"]
     assert len(acts) >= 16
     bad = [(r["quantity"], r["step"], round(r["measured"], 3), r["expected"]) for r in acts
            if deviation(r["measured"], r["expected"]) > act_tol]
@@ -136,8 +136,9 @@ def test_coord_check_gqa_and_head_dim_growth(case):
         for q in ("dw_spec/attn.c_k", "dw_spec/attn.c_v"):
             # ... where SP (the old square-matrix rule) stays near flat
             assert slope["sp", q, CC_STEPS] - slope["mup", q, CC_STEPS] >= 0.3, slope["sp", q, CC_STEPS]
-        # without decay dW is the orthogonalised update alone: the spectral condition holds to 0.01 from step 2
-        rows = coord_rows(setup, CC_WIDTHS, 3, (0,), B=8, T=64, n_kv_head=1)
+        # without decay and NorMuon dW is the orthogonalised update alone: the spectral condition holds to 0.01
+        # from step 2 (NorMuon's row reweighting of these low-rank updates adds up to ~0.1: muP_changes.md)
+        rows = coord_rows(setup, CC_WIDTHS, 3, (0,), B=8, T=64, n_kv_head=1, normuon_beta2=0.0)
         for r in rows:
             if r["mode"] == "mup" and r["quantity"] in ("dw_spec/attn.c_k", "dw_spec/attn.c_v") and r["step"] >= 2:
                 assert abs(r["measured"] + 0.5) <= 0.01, r

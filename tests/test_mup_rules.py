@@ -187,7 +187,7 @@ def test_weight_decay_per_step_is_width_independent(opt_name):
         assert factors[0][n] < 1 - 1e-4 and factors[1][n] == pytest.approx(factors[0][n], abs=1e-6), n
 
 
-def muon_spectral_slopes(widths=(64, 128, 256, 512), square_rule=False, **hp):
+def muon_spectral_slopes(widths=(64, 128, 256, 512), square_rule=False, rank=0, **hp):
     """Fitted log2 slope vs width of one Muon step's ||dW||_2 per matrix kind, and the spectral condition's
     slope of sqrt(fan_out/fan_in). `square_rule` puts back the old max(1, fo/fi)^0.5 at the model's own shape."""
     got, want = {}, {}
@@ -199,7 +199,7 @@ def muon_spectral_slopes(widths=(64, 128, 256, 512), square_rule=False, **hp):
                 if g["kind"] == "muon":
                     fo, fi = g["params"][0].shape
                     g["update_scale"] = max(1.0, fo / fi) ** 0.5
-        for kind, v in muon_step_spectral(model, opt).items():
+        for kind, v in muon_step_spectral(model, opt, rank=rank).items():
             got.setdefault(kind, []).append(math.log2(v))
         for name, s in model.param_shapes().items():
             if s["role"] == "matrix":
@@ -221,6 +221,16 @@ def test_muon_step_spectral_norm_scales_like_sqrt_fan_out_over_fan_in(normuon_be
     # the old square-matrix rule for c_k / c_v with fixed kv heads must fail this check
     old = muon_spectral_slopes(square_rule=True)
     assert {k for k, v in old.items() if abs(v[0] - v[1]) > 0.4} == {"attn.c_k", "attn.c_v"}
+
+
+def test_muon_plus_renormalisation_breaks_the_spectral_condition_on_low_rank_gradients():
+    # a rank-4 gradient: the polar factor has 4 unit singular values and the rest ~0, so snapping its Frobenius norm
+    # to sqrt(min(rows, cols)) (Muon+, nanochat) multiplies it by sqrt(min / 4): ||dW||_2 grows like sqrt(width)
+    # where the spectral condition wants it flat. Off by default (OptimConfig.muon_renorm) for this reason.
+    on = muon_spectral_slopes(rank=4, muon_renorm=True)
+    off = muon_spectral_slopes(rank=4)
+    for kind in ("attn.c_q", "mlp.c_fc", "mlp.c_proj"):
+        assert on[kind][0] - on[kind][1] > 0.4 and abs(off[kind][0] - off[kind][1]) < 0.05, (kind, on[kind], off[kind])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -160,9 +160,9 @@ class GPTConfig:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"GPTConfig.{name}={value!r}: must be a positive integer")
         if self.n_embd % self.n_head:
-            raise ValueError(f"GPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+            raise ValueError(f"GPTConfig.n_embd={self.n_embd} is not divisible by GPTConfig.n_head={self.n_head}")
         if self.n_head % self.n_kv_head:
-            raise ValueError(f"GPTConfig.n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+            raise ValueError(f"GPTConfig.n_head={self.n_head} is not divisible by GPTConfig.n_kv_head={self.n_kv_head}")
         if self.head_dim % 2:
             raise ValueError(f"GPTConfig head_dim={self.head_dim} (n_embd/n_head) must be even for rotary")
         if not self.window_pattern or set(self.window_pattern) - {"L", "S"}:

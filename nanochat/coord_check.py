@@ -243,7 +243,8 @@ def muon_step_spectral(model, opt, seed=0, rank=0):
     g = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         if rank and p.ndim == 2:
-            p.grad = (torch.randn(p.shape[0], rank, generator=g) @ torch.randn(rank, p.shape[1], generator=g)).to(p.device)
+            a, b = torch.randn(p.shape[0], rank, generator=g), torch.randn(rank, p.shape[1], generator=g)
+            p.grad = (a @ b).to(p.device)
         else:
             p.grad = torch.randn(p.shape, generator=g).to(p.device)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -120,8 +120,9 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(B, T, cfg.n_kv_head, cfg.head_dim)
         if ve is not None:
             # value residual (ResFormer): the token's value embedding added to v through a per-kv-head gate in (0, 3)
+            # in v's dtype: under autocast the lookup stays fp32 and would make v fp32 (nanochat casts it the same way)
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
-            v = v + gate.unsqueeze(-1) * ve.view(B, T, cfg.n_kv_head, cfg.head_dim)
+            v = v + (gate.unsqueeze(-1) * ve.view(B, T, cfg.n_kv_head, cfg.head_dim)).to(v.dtype)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # qk_gain is in attn_scale
         pos = 0
         if kv_cache is not None:

@@ -113,7 +113,8 @@ os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
 with open(args.out + ".md", "w") as f:
     f.write(text + "\n")
 with open(args.out + ".json", "w") as f:
-    json.dump(dict(rows=rows, spread=spread, slopes=slopes, runs=[[*k, v] for k, v in sorted(res.items())]), f, indent=0)
+    runs = [[*k, v] for k, v in sorted(res.items())]
+    json.dump(dict(rows=rows, spread=spread, slopes=slopes, runs=runs), f, indent=0)
 
 import matplotlib  # noqa: E402
 

@@ -315,7 +315,7 @@ def smoke_head():
 
 def smoke_train():
     shape = (["--depth", "2", "--n-embd", "64", "--n-head", "2", "--sequence-len", "32", "--device-batch-size", "2",
-              "--compile", "0", "--device", "cpu"] if DRY else
+              "--short-window", "16", "--compile", "0", "--device", "cpu"] if DRY else
              ["--depth", "2", "--n-embd", "512", "--head-dim", "128", "--sequence-len", "512",
               "--device-batch-size", "8", "--compile", "1"])
     out = os.path.join(TMP, "smoke_run")
@@ -355,7 +355,8 @@ def smoke():
 def train():
     """Compiled bf16 base_train at a d12-like shape (auto: the checked kernel choice); steady-state tokens/s and MFU."""
     shape = (["--depth", "2", "--n-embd", "64", "--n-head", "2", "--sequence-len", "64", "--device-batch-size", "4",
-              "--num-iterations", "6", "--compile", "0", "--device", "cpu", "--dtype", "float32"] if DRY else
+              "--short-window", "16", "--num-iterations", "6", "--compile", "0", "--device", "cpu",
+              "--dtype", "float32"] if DRY else
              ["--depth", "12", "--aspect-ratio", "64", "--head-dim", "128", "--sequence-len", "2048",
               "--device-batch-size", "32", "--num-iterations", "40", "--compile", "1", "--dtype", "bfloat16"])
     out, log = os.path.join(TMP, "train_run"), os.path.join(OUT, "train.log")

@@ -287,9 +287,9 @@ def test_two_layer_model_overfits_one_batch(base, matrix_optimizer):
 @pytest.mark.parametrize(
     "kw, match",
     [
-        (dict(n_embd=65), "n_embd=65 is not divisible by n_head=2"),
+        (dict(n_embd=65), "n_embd=65 is not divisible by GPTConfig.n_head=2"),
         (dict(n_kv_head=3, n_head=6, n_embd=60), None),  # valid-looking but 6 % 3 == 0: must pass
-        (dict(n_head=4, n_kv_head=3), "n_head=4 is not divisible by n_kv_head=3"),
+        (dict(n_head=4, n_kv_head=3), "n_head=4 is not divisible by GPTConfig.n_kv_head=3"),
         (dict(n_embd=6, n_head=2, n_kv_head=2), "head_dim=3"),
         (dict(window_pattern="LSX"), "window_pattern='LSX'"),
         (dict(window_pattern=""), "window_pattern=''"),
@@ -314,7 +314,8 @@ def test_bad_config_raises(kw, match):
 
 def test_triton_and_sdpa_attention_give_the_same_model():
     # GQA, a sliding-window layer and a T that is not a multiple of the kernel's tile
-    kw = dict(sequence_len=40, n_embd=64, n_head=2, n_kv_head=1, n_layer=2, window_pattern="SL", mup_base_width=32)
+    kw = dict(sequence_len=40, n_embd=64, n_head=2, n_kv_head=1, n_layer=2, window_pattern="SL", short_window=20,
+              mup_base_width=32)
     ref = build(attn_impl="sdpa", **kw)
     tri = build(attn_impl="triton", **kw)
     tri.load_state_dict(ref.state_dict())
@@ -365,7 +366,7 @@ def test_fused_heads_match_eager_and_hooks_still_fire(reduction):
 def generation_model():
     # GQA 4:2, two sliding-window layers (window 16 < sequence_len 32), head_dim 32: on CUDA `auto` runs the
     # prefill through the Triton kernel and the decode steps through SDPA, on CPU both through SDPA
-    model = build(DEVICE, n_layer=3, window_pattern="SSL", n_head=4, n_kv_head=2, n_embd=128)
+    model = build(DEVICE, n_layer=3, window_pattern="SSL", short_window=16, n_head=4, n_kv_head=2, n_embd=128)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # zero out-projections would hide attention, the 0.001 readout flatten every logit
         for name, p in model.named_parameters():

@@ -20,7 +20,7 @@ from nanochat.gpt import GPTConfig, build_model
 
 # GQA 4:2, a sliding-window layer then a full one (two attention cases), muP logit multiplier, softcap
 CFG = dict(sequence_len=48, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=128, window_pattern="SL",
-           mup_base_width=64, softcap=15.0)
+           short_window=24, mup_base_width=64, softcap=15.0)
 
 
 class ScaleGrad(torch.autograd.Function):
@@ -165,7 +165,7 @@ from nanochat.kernel_choice import agree_across_ranks
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 model = build_model(GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
-                              window_pattern="SL"), "cpu")
+                              window_pattern="SL", short_window=8), "cpu")
 # rank 0 found the kernel faster for the windowed layer, rank 1 did not; both took it for the full layer and the head
 mine = ["triton" if rank == 0 else "sdpa", "triton"]
 record = dict(attention=[dict(layers=[i], impl=impl, reason="r") for i, impl in enumerate(mine)],

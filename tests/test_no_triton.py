@@ -34,7 +34,7 @@ from nanochat.engine import generate
 from nanochat.gpt import GPTConfig, build_model
 
 CFG = dict(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=64, window_pattern="SL",
-           mup_base_width=32, softcap=15.0)
+           short_window=8, mup_base_width=32, softcap=15.0)
 
 
 def tiny(**kw):

@@ -252,7 +252,8 @@ def test_depth_report_recovers_a_known_optimum_drift_with_depth(tmp_path, drift)
     assert set(rep["spread"]) == {"muon/none/w64"}
     assert b == pytest.approx(drift, abs=0.1) and lo <= drift <= hi and hi - lo < 0.5
     assert (lo > 0) == (drift > 0)  # a real drift is told from none
-    assert [r["depth"] for r in rep["rows"]] == [2, 8, 32] and all(r["base_bpb"] == r["mean_bpb"][2] for r in rep["rows"])
+    assert [r["depth"] for r in rep["rows"]] == [2, 8, 32]
+    assert all(r["base_bpb"] == r["mean_bpb"][2] for r in rep["rows"])
 
 
 def test_fit_recovers_a_known_optimum_drift_and_its_interval():

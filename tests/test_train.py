@@ -61,8 +61,8 @@ def test_cuda_recipe_bf16_triton_kernels(corpus, tmp_path):
     out = tmp_path / "run"
     r = train(corpus, out, "--device", DEVICE, "--dtype", "bfloat16", "--attn-impl", "triton", "--head-impl", "triton",
               "--compile", "0", "--n-embd", "64", "--n-head", "2", "--n-kv-head", "1", "--depth", "2",
-              "--window-pattern", "SL", "--num-iterations", "8", "--eval-every", "0", "--matrix-lr", "0.05",
-              "--unembedding-lr", "0.05")
+              "--window-pattern", "SL", "--short-window", "16", "--num-iterations", "8", "--eval-every", "0",
+              "--matrix-lr", "0.05", "--unembedding-lr", "0.05")
     assert f"{DEVICE} bfloat16" in r.stdout + r.stderr
     # the explicit `triton` is kept and still checked: each case's verdict printed once and recorded in config.json
     kernels = json.load(open(out / "config.json"))["kernels"]
@@ -105,7 +105,7 @@ def test_torchrun_two_ranks_hold_identical_weights(corpus, tmp_path):
     [
         (["--bogus-option", "1"], "unrecognized arguments: --bogus-option"),
         (["--total-batch-size", "1000"], "--total-batch-size=1000 is not divisible"),
-        (["--n-embd", "30", "--n-head", "4"], "n_embd=30 is not divisible by n_head=4"),
+        (["--n-embd", "30", "--n-head", "4"], "--n-embd=30 is not divisible by --n-head=4"),
         (["--depth", "0"], "--depth=0"),
         (["--device", "tpu"], "--device=tpu"),
         (["--n-embd", "96", "--attn-impl", "triton"], "--attn-impl=triton cannot run head_dim=48"),

@@ -217,7 +217,7 @@ def choose_kernels(model, batch_size, dtype, log=print):
         record["attention"].append(dict(case, **v))
         log(verdict_line(f"attention {name} head_dim {D} window {window} GQA {group}:1 layers {layers} "
                          f"(B={batch_size} T={T})", v, "sdpa", "sdpa"))
-    V, d = model.lm_head.weight.shape  # the head's own shape (a padded vocab included)
+    V, d = cfg.vocab_size, model.lm_head.weight.size(1)  # the rows GPT._fused_loss scores (never the padding)
     impl, v = decide(
         cfg.head_impl, "chunked", device, head_torch.unsupported(device.type, dtype),
         lambda: check_head(dtype, d, V, cfg.logit_mult, cfg.softcap, device),

@@ -43,7 +43,7 @@ parser.add("--sequence-len", type=int, default=256, min=1, help="context length"
 gpt_fields = {f.name: f.default for f in fields(GPTConfig)}  # the model's defaults: nanochat/config.py
 parser.add("--window-pattern", default=gpt_fields["window_pattern"],
            help="per-layer L (full) / S (short window) pattern, tiled; the last layer is always L")
-parser.add("--short-window", type=int, default=0, min=0,
+parser.add("--short-window", type=int, default=gpt_fields["short_window"], min=0,
            help="S layers' window in tokens (0 = a quarter of the context, rounded up to 128-token tiles)")
 parser.add("--softcap", type=float, default=gpt_fields["softcap"], min=0, help="tanh logit softcap (0 = off)")
 # nanochat master's model features: 1 = on (its default), 0 = off

@@ -9,7 +9,7 @@ The fitted optimum per width is the vertex of a parabola in x through the best g
 the bootstrap resamples seeds; the transfer summary is the slope of the optimum against log2(width), which muP
 predicts to be 0 and SP predicts to drift where its rule differs from muP's.
 
-    python -m nanochat.transfer plan DIR HP "MULTS" "MODES" "WIDTHS" "ALPHAS" -- [base_train options]   (sweep.sh's)
+    python -m nanochat.transfer plan DIR HP "MULTS" "MODES" "WIDTHS" "ALPHAS" "BATCHES" "HORIZONS" -- [options]
 """
 
 import argparse
@@ -37,6 +37,7 @@ HPS = {
 }
 MUP_ONLY = {"output_mult", "attn_mult"}  # SP has no such knob (its logits and attention scale are fixed)
 OWNED = ("--n-embd", "--n-head", "--mup-base-width", "--depth", "--seed", "--out-dir", "--resume")  # set per point
+HORIZON_OPTS = ("--target-tokens", "--num-iterations", "--target-param-data-ratio", "--target-flops")
 
 
 def _spellings(opt):
@@ -63,11 +64,11 @@ def base_values(extra):
     return out
 
 
-def plan(out_dir, hp, mults, modes, widths, extra, alphas=()):
+def plan(out_dir, hp, mults, modes, widths, extra, alphas=(), batches=(), horizons=()):
     """Check a sweep's definition and return {x: [base_train args setting the swept options to base * 2^x]}.
     Records it in out_dir/sweep.json; an existing one must agree (a resumed sweep keeps its meaning).
-    `alphas`: the depth-rule axis (sweep.sh --alphas), recorded only when given. Raises ValueError with a one-line
-    message."""
+    `alphas`: the depth-rule axis (sweep.sh --alphas); `batches`, `horizons`: total batch and training tokens per
+    point (--batches, --horizons); each recorded only when given. Raises ValueError with a one-line message."""
     if hp not in HPS:
         raise ValueError(f"--hp {hp}: not sweepable: pass one of {', '.join(HPS)}")
     if hp in MUP_ONLY and "sp" in modes:
@@ -77,11 +78,13 @@ def plan(out_dir, hp, mults, modes, widths, extra, alphas=()):
             raise ValueError(f"--alphas: {a} is not a depth exponent: pass 0 (no depth rule) or one in [0.5, 1]")
         if float(a) and "sp" in modes:
             raise ValueError(f"--alphas: alpha {a} is a rule relative to a muP base: pass --modes mup")
-    owned = OWNED + (("--depth-alpha", "--mup-base-depth") if alphas else ())
+    owned = (OWNED + (("--depth-alpha", "--mup-base-depth") if alphas else ())
+             + (("--total-batch-size",) if batches else ()) + (HORIZON_OPTS if horizons else ()))
     for a in extra:
         if a.split("=")[0].replace("_", "-") in owned:
             raise ValueError(f"base_train option {a} is set by the sweep for every point: use the sweep's flags "
-                             "(--widths, --depths, --base-depth, --alphas, --seeds, --base-width, --out)")
+                             "(--widths, --depths, --base-depth, --alphas, --batches, --horizons, --seeds, "
+                             "--base-width, --out)")
     bases = base_values(extra)
     hd = int(bases.pop("head_dim"))
     for w in widths:  # base_train would otherwise round the head count and silently change the head dim
@@ -93,8 +96,9 @@ def plan(out_dir, hp, mults, modes, widths, extra, alphas=()):
             raise ValueError(f"--hp {hp}: the base value of {o} is 0 and 2^x * 0 = 0: pass {o} V (V > 0) after --")
     xs = [float(m) for m in mults]
     meta = dict(hp=hp, options=list(HPS[hp]), base={o: bases[o] for o in HPS[hp]}, extra=list(extra))
-    if alphas:
-        meta["alphas"] = [float(a) for a in alphas]
+    for name, axis in (("alphas", alphas), ("batches", batches), ("horizons", horizons)):
+        if axis:
+            meta[name] = [float(a) if name == "alphas" else int(a) for a in axis]
     path = os.path.join(out_dir, "sweep.json")
     if os.path.exists(path):
         old = json.load(open(path))
@@ -257,11 +261,13 @@ def recommend(s, base_width, target_width):
 
 
 def main(argv):
-    if len(argv) < 8 or argv[0] != "plan" or argv[7] != "--":
-        sys.exit("usage: python -m nanochat.transfer plan DIR HP MULTS MODES WIDTHS ALPHAS -- [base_train options]")
-    out_dir, hp, mults, modes, widths, alphas = argv[1:7]
+    if len(argv) < 10 or argv[0] != "plan" or argv[9] != "--":
+        sys.exit("usage: python -m nanochat.transfer plan DIR HP MULTS MODES WIDTHS ALPHAS BATCHES HORIZONS -- "
+                 "[base_train options]")
+    out_dir, hp, mults, modes, widths, alphas, batches, horizons = argv[1:9]
     try:
-        for x in plan(out_dir, hp, mults.split(), modes.split(), widths.split(), argv[8:], alphas.split()).items():
+        for x in plan(out_dir, hp, mults.split(), modes.split(), widths.split(), argv[10:], alphas.split(),
+                      batches.split(), horizons.split()).items():
             print(f"{x[0]:g}\t{' '.join(x[1])}")
     except ValueError as e:
         print(f"sweep.sh: {e}", file=sys.stderr)

@@ -14,6 +14,8 @@
 # --seeds      --seed per point                                   --modes   "sp mup" (output/attn_mult: mup)
 # --base-width muP base width (default: the first width)           --depths  --depth per point (default "4")
 # --base-depth passed as --mup-base-depth under muP (default: none, i.e. each point's own depth)
+# --batches    total batch in tokens per point (--total-batch-size; run directories get _b<B>, point.json "batch")
+# --horizons   training tokens per point (--target-tokens; run directories get _t<D>, point.json "tokens")
 # --alphas     depth-rule axis (muP only): per alpha, 0 = no depth rule (each point is its own base depth), > 0 =
 #              --mup-base-depth (--base-depth, default the first depth) and --depth-alpha ALPHA (1 CompleteP, 0.5
 #              Depth-muP). Run directories get a suffix _a<alpha>, point.json an "alpha"; report with
@@ -31,6 +33,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PY=${PYTHON:-python}
 LAUNCH=${LAUNCH:-$PY}
 HP="" OUT="" WIDTHS="64 128 256" MULTS="-2 -1 0 1 2" SEEDS="0 1 2" MODES="sp mup" DEPTHS="4" BASE="" BDEPTH="" ALPHAS=""
+BATCHES="" HORIZONS=""
 SHARD=${SHARD:-0/1} KEEP=0
 die() { echo "sweep.sh: $1" >&2; exit 2; }
 while [[ $# -gt 0 ]]; do
@@ -42,7 +45,7 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         --hp) HP="$2" ;; --out) OUT="$2" ;; --widths) WIDTHS="$2" ;; --mults) MULTS="$2" ;; --seeds) SEEDS="$2" ;;
         --modes) MODES="$2" ;; --depths) DEPTHS="$2" ;; --base-width) BASE="$2" ;; --base-depth) BDEPTH="$2" ;;
-        --shard) SHARD="$2" ;; --alphas) ALPHAS="$2" ;;
+        --shard) SHARD="$2" ;; --alphas) ALPHAS="$2" ;; --batches) BATCHES="$2" ;; --horizons) HORIZONS="$2" ;;
         *) die "unknown argument $1: pass sweep options, then -- and base_train options" ;;
     esac
     shift 2
@@ -56,6 +59,7 @@ SI=${SHARD%/*} SN=${SHARD#*/}
 ints() { [[ -n "$2" ]] || die "$1 is empty"; for v in $2; do [[ "$v" =~ ^[0-9]+$ && "$v" -ge $3 ]] ||
     die "$1 \"$2\": $v is not an integer >= $3"; done; }
 ints --widths "$WIDTHS" 2; ints --seeds "$SEEDS" 0; ints --depths "$DEPTHS" 1
+[[ -z "$BATCHES" ]] || ints --batches "$BATCHES" 1; [[ -z "$HORIZONS" ]] || ints --horizons "$HORIZONS" 1
 BASE=${BASE:-${WIDTHS%% *}}
 [[ -z "$ALPHAS" ]] || BDEPTH=${BDEPTH:-${DEPTHS%% *}}
 ints --base-width "$BASE" 2; [[ -z "$BDEPTH" ]] || ints --base-depth "$BDEPTH" 1
@@ -67,7 +71,7 @@ for m in $MODES; do [[ "$m" == sp || "$m" == mup ]] || die "--modes \"$MODES\": 
 cd "$ROOT"
 # the swept options per multiplier (checks the hyperparameter, the base options and an existing OUT/sweep.json)
 PLAN=$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" $PY -m nanochat.transfer plan "$OUT" "$HP" "$MULTS" "$MODES" \
-    "$WIDTHS $BASE" "$ALPHAS" -- "$@") || exit 2
+    "$WIDTHS $BASE" "$ALPHAS" "$BATCHES" "$HORIZONS" -- "$@") || exit 2
 declare -A SWEPT
 while IFS=$'\t' read -r x args; do SWEPT[$x]=$args; done <<< "$PLAN"
 XS=$(cut -f1 <<< "$PLAN")
@@ -76,28 +80,32 @@ XS=$(cut -f1 <<< "$PLAN")
 JOBS=()
 j=0
 for seed in $SEEDS; do for depth in $DEPTHS; do for width in $WIDTHS; do for mode in $MODES; do
-for alpha in ${ALPHAS:--}; do for x in $XS; do  # alpha "-": no depth-rule axis
-    (( j % SN == SI )) && JOBS+=("$seed $depth $width $mode $x $alpha")
+for alpha in ${ALPHAS:--}; do for batch in ${BATCHES:--}; do for tokens in ${HORIZONS:--}; do
+for x in $XS; do  # "-": no such axis
+    (( j % SN == SI )) && JOBS+=("$seed $depth $width $mode $x $alpha $batch $tokens")
     j=$((j + 1))
-done; done; done; done; done; done
+done; done; done; done; done; done; done; done
 n=${#JOBS[@]} k=0 ran=0 spent=0
 echo "sweep $HP: $j points, $n in shard $SHARD -> $OUT"
 for job in "${JOBS[@]}"; do
-    read -r seed depth width mode x alpha <<< "$job"
+    read -r seed depth width mode x alpha batch tokens <<< "$job"
     k=$((k + 1))
     run="$OUT/${mode}_d${depth}_w${width}_x${x}_s${seed}"
-    depth_rule=(${BDEPTH:+--mup-base-depth "$BDEPTH"}) point_alpha=""
+    depth_rule=(${BDEPTH:+--mup-base-depth "$BDEPTH"}) point_more=""
     if [[ "$alpha" != - ]]; then
-        run+="_a$alpha" point_alpha=", \"alpha\": $alpha" depth_rule=()
+        run+="_a$alpha" point_more=", \"alpha\": $alpha" depth_rule=()
         [[ "$alpha" == 0 ]] || depth_rule=(--mup-base-depth "$BDEPTH" --depth-alpha "$alpha")
     fi
+    shape=()  # the batch and horizon axes
+    [[ "$batch" == - ]] || { run+="_b$batch" point_more+=", \"batch\": $batch" shape+=(--total-batch-size "$batch"); }
+    [[ "$tokens" == - ]] || { run+="_t$tokens" point_more+=", \"tokens\": $tokens" shape+=(--target-tokens "$tokens"); }
     if [[ -f "$run/DONE" ]]; then
         echo "[$k/$n] $run: done ($(cat "$run/DONE")), skipped"; continue
     fi
     rm -rf "$run"  # a killed run: its partial files would mislead the reader and base_train's --out-dir check
     mkdir -p "$run"
     printf '{"mode": "%s", "depth": %d, "width": %d, "x": %s, "seed": %d%s}\n' "$mode" "$depth" "$width" "$x" "$seed" \
-        "$point_alpha" > "$run/point.json"
+        "$point_more" > "$run/point.json"
     mup=()
     [[ "$mode" == mup ]] && mup=(--mup-base-width "$BASE" "${depth_rule[@]}")
     t0=$(date +%s)
@@ -105,7 +113,7 @@ for job in "${JOBS[@]}"; do
     # shellcheck disable=SC2086  # LAUNCH and the planned options are word lists; the swept value goes last, after
     # the base value given after -- (argparse keeps the last)
     PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" $LAUNCH scripts/base_train.py --n-embd "$width" --depth "$depth" \
-        --seed "$seed" --out-dir "$run" "${mup[@]}" "$@" ${SWEPT[$x]} > "$run/train.log" 2>&1 || rc=$?
+        --seed "$seed" --out-dir "$run" "${mup[@]}" "${shape[@]}" "$@" ${SWEPT[$x]} > "$run/train.log" 2>&1 || rc=$?
     case $rc in
         0) status=ok ;;
         3) status=diverged ;;

@@ -519,6 +519,11 @@ class GPT(nn.Module):
     # -------------------------------------------------------------------------------------------------
     # accounting
 
+    def num_scaling_params(self):
+        """Parameters a data:param ratio counts, as nanochat does: the blocks' matrices + lm_head (its padded rows
+        included); the embeddings, value embeddings and scalars are left out."""
+        return sum(p.numel() for n, p in self.named_parameters() if n.startswith(("transformer.h.", "lm_head.")))
+
     def num_flops_per_token(self):
         """Training FLOPs per token as nanochat counts them: 6 per matmul weight (fwd + bwd; the embeddings are
         lookups) plus 12 * n_embd * keys seen per layer for the attention scores (the window on S layers)."""

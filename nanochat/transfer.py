@@ -138,8 +138,9 @@ def swept_options(sweep_dirs):
 
 def read_runs(sweep_dir):
     """One row per finished point of a sweep directory (the ones with a DONE marker): mode, width, depth, seed, x
-    (log2 multiplier), val_bpb (the final evaluation) and train_loss (mean of the last 10% of steps).
-    A run that stopped on a non-finite value (base_train exit 3: it diverged) counts as +inf."""
+    (log2 multiplier), batch and tokens (as trained: config.json), val_bpb (the final evaluation) and train_loss
+    (mean of the last 10% of steps). A run that stopped on a non-finite value (base_train exit 3: it diverged)
+    counts as +inf."""
     meta = json.load(open(os.path.join(sweep_dir, "sweep.json")))
     rows = []
     for name in sorted(os.listdir(sweep_dir)):
@@ -148,7 +149,11 @@ def read_runs(sweep_dir):
         if not os.path.isfile(done):
             continue
         row = dict(json.load(open(os.path.join(run, "point.json"))), hp=meta["hp"], run=run)
-        row["base_width"] = json.load(open(os.path.join(run, "config.json")))["model_config"]["mup_base_width"]
+        cfg = json.load(open(os.path.join(run, "config.json")))
+        row["base_width"] = cfg["model_config"]["mup_base_width"]
+        row["batch"], a = cfg["total_batch"], cfg["args"]  # an older base_train wrote no "scaling": count its steps
+        steps = math.ceil(a["target_tokens"] / row["batch"]) if a.get("target_tokens") else a["num_iterations"]
+        row["tokens"] = cfg.get("scaling", {}).get("tokens", steps * row["batch"])
         status = open(done).read().strip()
         m = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl")) if line.strip()]
         evals = [r["val_bpb"] for r in m if "val_bpb" in r]
@@ -182,11 +187,21 @@ def fit_optimum(xs, ys):
     return float(min(max(-b / (2 * a), xs[i - 1]), xs[i + 1]))
 
 
-def grid(rows, metric):
-    """{(mode, depth, width): (xs, seeds, Y)} with Y[seed index, x index] (nan where a point is missing)."""
+AXES = ("width", "batch", "tokens")
+
+
+def varied(rows):
+    """The axes (width, batch, tokens) along which the rows' points differ."""
+    return [a for a in AXES if len({r[a] for r in rows}) > 1]
+
+
+def grid(rows, metric, axis="width"):
+    """{(group, axis value): (xs, seeds, Y)} with Y[seed index, x index] (nan where a point is missing); a group is
+    (mode, depth) plus the values of the other axes that vary among the rows."""
+    fixed = [a for a in varied(rows) if a != axis]
     acc = {}
     for r in rows:
-        acc.setdefault((r["mode"], r["depth"], r["width"]), []).append(r)
+        acc.setdefault(((r["mode"], r["depth"], *(r[a] for a in fixed)), r[axis]), []).append(r)
     out = {}
     for key, rs in acc.items():
         xs, seeds = sorted({r["x"] for r in rs}), sorted({r["seed"] for r in rs})
@@ -203,39 +218,42 @@ def mean_curve(Y):
         return [float(np.nanmean(c)) if np.isfinite(c).any() or np.isinf(c).any() else math.nan for c in Y.T]
 
 
-def slope(widths, optima):
-    """Least-squares slope of log2(optimum multiplier) against log2(width)."""
-    ok = [(math.log2(w), o) for w, o in zip(widths, optima) if math.isfinite(o)]
+def slope(values, optima):
+    """Least-squares slope of log2(optimum multiplier) against log2 of the axis (width, batch or tokens)."""
+    ok = [(math.log2(v), o) for v, o in zip(values, optima) if math.isfinite(o)]
     if len(ok) < 2:
         return math.nan
     return float(np.polyfit(*zip(*ok), 1)[0])
 
 
-def summarize(rows, metric="val_bpb", n_boot=1000, seed=0):
-    """Per (mode, depth): widths, mean curves, fitted optima with a 95% bootstrap interval over seeds, the slope
-    of the optimum vs log2 width with its interval, best loss per width and the wider-is-better check (the best
-    loss falls with every doubling of width)."""
+def summarize(rows, metric="val_bpb", n_boot=1000, seed=0, axis="width"):
+    """Per group of runs that differ only along `axis` (width, batch or tokens; a group is (mode, depth) plus the
+    other varied axes' values): the axis values, mean curves, fitted optima with a 95% bootstrap interval over
+    seeds, the slope of the optimum vs log2 of the axis with its interval, the best loss per value and whether it
+    falls at every step along the axis (for width: wider is better)."""
     rng = np.random.default_rng(seed)
-    g = grid(rows, metric)
+    fixed = [a for a in varied(rows) if a != axis]
+    g = grid(rows, metric, axis)
     out = {}
-    for mode, depth in sorted({k[:2] for k in g}):
-        widths = sorted(w for m, d, w in g if (m, d) == (mode, depth))
-        curves = [g[mode, depth, w] for w in widths]
+    for key in sorted({k for k, _ in g}):
+        values = sorted(v for k, v in g if k == key)
+        curves = [g[key, v] for v in values]
         means = [mean_curve(Y) for _, _, Y in curves]
         optima = [fit_optimum(xs, ys) for (xs, _, _), ys in zip(curves, means)]
-        boot = np.full((n_boot, len(widths)), np.nan)
+        boot = np.full((n_boot, len(values)), np.nan)
         for b in range(n_boot):
             for j, (xs, seeds, Y) in enumerate(curves):
                 boot[b, j] = fit_optimum(xs, mean_curve(Y[rng.integers(0, len(seeds), len(seeds))]))
-        boot_slopes = np.array([slope(widths, o) for o in boot])
+        boot_slopes = np.array([slope(values, o) for o in boot])
         if min(len(c[1]) for c in curves) < 2:  # one seed: nothing to resample
             boot[:], boot_slopes[:] = np.nan, np.nan
         best = [min(ys) for ys in means]
-        out[mode, depth] = dict(
-            widths=widths, xs=[c[0] for c in curves], means=means, n_seeds=[len(c[1]) for c in curves],
-            optima=optima, optima_ci=[ci95(boot[:, j]) for j in range(len(widths))],
-            slope=slope(widths, optima), slope_ci=ci95(boot_slopes), best=best,
-            wider_is_better=all(b < a for a, b in zip(best, best[1:])) if len(widths) > 1 else None)
+        out[key] = dict(
+            axis=axis, fixed=dict(zip(fixed, key[2:])), values=values, xs=[c[0] for c in curves], means=means,
+            n_seeds=[len(c[1]) for c in curves],
+            optima=optima, optima_ci=[ci95(boot[:, j]) for j in range(len(values))],
+            slope=slope(values, optima), slope_ci=ci95(boot_slopes), best=best,
+            best_falls=all(b < a for a, b in zip(best, best[1:])) if len(values) > 1 else None)
     return out
 
 
@@ -248,7 +266,7 @@ def ci95(v):
 def recommend(s, base_width, target_width):
     """log2 multiplier for the target width from one mode's summary, and how it was chosen: the mean of the
     fitted optima when the slope's interval contains 0 (transfer holds), else the fitted line extrapolated."""
-    ok = [(math.log2(w), o) for w, o in zip(s["widths"], s["optima"]) if math.isfinite(o)]
+    ok = [(math.log2(w), o) for w, o in zip(s["values"], s["optima"]) if math.isfinite(o)]
     if not ok:
         return math.nan, "no finite optimum"
     lo, hi = s["slope_ci"]

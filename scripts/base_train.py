@@ -23,7 +23,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 
 from nanochat.common import ArgParser
 from nanochat.config import MATRIX_LR, GPTConfig, OptimConfig
@@ -106,10 +106,24 @@ for name, (kind, what) in SCHEDULE_OPTIONS.items():
 parser.add("--wd-schedule", default=hp_fields["wd_schedule"].default, choices=["cosine", "constant"],
            help=hp_fields["wd_schedule"].metadata["help"])
 parser.add("--device-batch-size", type=int, default=16, min=1, help="sequences per forward pass per process")
-parser.add("--total-batch-size", type=int, default=0, min=0,
-           help="tokens per optimizer step (0 = one pass per process; on --resume: the checkpoint's)")
-parser.add("--num-iterations", type=int, default=200, min=0, help="optimizer steps (unless --target-tokens)")
+parser.add("--total-batch-size", default="0",
+           help="tokens per optimizer step (0 = one pass per process; on --resume: the checkpoint's; auto or -1: "
+                "Power Lines' batch for the horizon, from the reference below, else nanochat's depth-12 point)")
+parser.add("--num-iterations", type=int, default=200, min=0, help="optimizer steps (unless a horizon below is set)")
 parser.add("--target-tokens", type=int, default=0, min=0, help="token budget; sets the number of steps when > 0")
+parser.add("--target-param-data-ratio", type=float, default=0, min=0,
+           help="token budget as this many tokens per scaling parameter (blocks' matrices + lm_head; 0 = off)")
+parser.add("--target-flops", type=float, default=0, min=0,
+           help="token budget as a FLOP budget / FLOPs per token (nanochat's count; 0 = off)")
+# batch and horizon transfer (nanochat/scaling.py): the shape the LRs and weight decay were tuned at
+parser.add("--ref-batch-size", type=int, default=0, min=0,
+           help="tokens per step of the run the hyperparameters were tuned at (0 = this run's: no batch rule)")
+parser.add("--ref-tokens", type=int, default=0, min=0,
+           help="training tokens of the run the hyperparameters were tuned at (0 = this run's: no horizon rule)")
+parser.add("--batch-lr-scaling", type=float, default=0.5, min=0,
+           help="every LR x (batch / ref batch)^this (0 = off)")
+parser.add("--wd-scaling", type=int, default=1, choices=[0, 1],
+           help="weight decay x (B/B_ref)(D_ref/D) / LR factor: holds the decay timescale's share of the run (0 = off)")
 # distributed
 parser.add("--optimizer-sharding", default="auto", choices=["auto", "on", "off"],
            help="ZeRO-2 sharded optimizer (auto: on under torchrun with >1 process; off: all-reduce + replicated step)")
@@ -138,6 +152,11 @@ parser.add("--debug-inject-nan-step", type=int, default=0, min=0,
 parser.add("--debug-inject-nan-into", default="loss", choices=["loss", "weights"],
            help="TEST HOOK: poison the loss (before the update) or one weight (as if the update overflowed)")
 args = parser.parse_args()
+if args.total_batch_size == "auto":
+    args.total_batch_size = "-1"
+if not re.fullmatch(r"-1|\d+", args.total_batch_size):
+    parser.error(f"--total-batch-size={args.total_batch_size}: pass a number of tokens, 0 (one pass) or auto")
+args.total_batch_size = int(args.total_batch_size)
 if not args.window_pattern or set(args.window_pattern) - {"L", "S"}:
     parser.error(f"--window-pattern={args.window_pattern}: use only the letters L and S, e.g. --window-pattern SSL")
 out_dir = os.path.abspath(args.out_dir or os.path.join("runs", args.run or "base"))
@@ -169,6 +188,15 @@ from nanochat.kernel_choice import agree_across_ranks, choose_kernels  # noqa: E
 from nanochat.loss_eval import evaluate_bpb  # noqa: E402
 from nanochat.optim import DistMuonAdamW, average_gradients, replica_checksum  # noqa: E402
 from nanochat.report import RunLog, plot_losses, print_role_table  # noqa: E402
+from nanochat.scaling import (  # noqa: E402
+    NANOCHAT_REF_BATCH,
+    NANOCHAT_REF_DEPTH,
+    NANOCHAT_REF_RATIO,
+    auto_batch,
+    describe,
+    factors,
+    horizon,
+)
 from nanochat.tokenizer import Tokenizer, get_token_bytes, tokenizer_dir  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -212,14 +240,70 @@ tokenizer = Tokenizer.load(tok_dir)
 token_bytes = get_token_bytes(tok_dir, device)
 B, T = args.device_batch_size, args.sequence_len
 tokens_per_pass = B * T * world_size
+n_embd = args.n_embd or args.depth * args.aspect_ratio
+n_head = args.n_head or max(1, n_embd // args.head_dim)
 try:
-    total_batch = global_batch(B, T, world_size, args.total_batch_size, prev and total_batch_of(prev))
+    config = GPTConfig(sequence_len=T, vocab_size=tokenizer.get_vocab_size(), n_layer=args.depth, n_head=n_head,
+                       n_kv_head=args.n_kv_head or n_head, n_embd=n_embd, window_pattern=args.window_pattern,
+                       softcap=args.softcap, mup_base_width=args.mup_base_width, attn_mult=args.attn_mult,
+                       mup_base_head_dim=args.mup_base_head_dim, mup_base_n_kv_head=args.mup_base_n_kv_head,
+                       mup_base_n_layer=args.mup_base_depth, depth_alpha=args.depth_alpha,
+                       output_mult=args.output_mult, init_scale=args.init_scale, attn_impl=args.attn_impl,
+                       head_impl=args.head_impl, short_window=args.short_window, value_embeds=bool(args.value_embeds),
+                       smear=bool(args.smear), backout=bool(args.backout), scalar_init=args.scalar_init,
+                       qk_gain=args.qk_gain, fc_init=args.fc_init, embed_std=args.embed_std, rope_base=args.rope_base,
+                       pad_vocab_to=args.pad_vocab_to)
+except ValueError as e:  # the message names GPTConfig fields: name the options instead
+    option = lambda m: {"n_layer": "--depth", "mup_base_n_layer": "--mup-base-depth"}.get(  # noqa: E731
+        m.group(1), "--" + m.group(1).replace("_", "-"))
+    parser.error(re.sub(r"GPTConfig\.(\w+)", option, str(e)))
+
+# -----------------------------------------------------------------------------
+# horizon, batch, and the batch / horizon rules (nanochat/scaling.py)
+
+shape = build_model(config, "meta")  # the counts only
+n_scaling, flops_per_token = shape.num_scaling_params(), shape.num_flops_per_token()
+try:
+    tokens = horizon(args.target_tokens, args.target_param_data_ratio, args.target_flops, n_scaling, flops_per_token)
+except ValueError as e:
+    parser.error(str(e))
+if (args.ref_batch_size > 0) != (args.ref_tokens > 0):
+    given, missing = ("--ref-batch-size", "--ref-tokens")[::1 if args.ref_batch_size else -1]
+    parser.error(f"{given} without {missing}: the reference is a run's batch and its tokens, pass both")
+total_batch_size, batch_rule = args.total_batch_size, None
+if total_batch_size == -1 and prev:
+    total_batch_size = 0  # the checkpoint's
+elif total_batch_size == -1:
+    if not tokens:
+        parser.error("--total-batch-size=auto needs a horizon in tokens: pass --target-tokens, "
+                     "--target-param-data-ratio or --target-flops")
+    if args.ref_batch_size:
+        ref_b, ref_t, where = args.ref_batch_size, args.ref_tokens, "the reference run"
+    else:  # nanochat's depth-12 model at this vocab and context
+        d12 = GPTConfig(sequence_len=T, vocab_size=config.vocab_size, n_layer=NANOCHAT_REF_DEPTH, n_head=12,
+                        n_kv_head=12, n_embd=768)
+        ref_b, where = NANOCHAT_REF_BATCH, "nanochat's depth-12 point"
+        ref_t = NANOCHAT_REF_RATIO * build_model(d12, "meta").num_scaling_params()
+    total_batch_size = auto_batch(tokens, ref_b, ref_t)
+    batch_rule = (f"auto batch {total_batch_size:,} = 2^round(log2({ref_b:,} x ({tokens:,} / {ref_t:,})^0.383)) "
+                  f"from {where} (Power Lines)")
+try:
+    total_batch = global_batch(B, T, world_size, total_batch_size, prev and total_batch_of(prev))
 except ValueError as e:
     parser.error(str(e))
 grad_accum = total_batch // tokens_per_pass
-num_steps = math.ceil(args.target_tokens / total_batch) if args.target_tokens else args.num_iterations
+num_steps = math.ceil(tokens / total_batch) if tokens else args.num_iterations
 if num_steps <= 0:
-    parser.error("--num-iterations=0 and no --target-tokens: nothing to train")
+    parser.error("--num-iterations=0 and no horizon (--target-tokens, --target-param-data-ratio, --target-flops): "
+                 "nothing to train")
+trained = num_steps * total_batch
+ref_batch, ref_tokens = args.ref_batch_size or total_batch, args.ref_tokens or trained
+scale = factors(total_batch, trained, ref_batch, ref_tokens, args.batch_lr_scaling, bool(args.wd_scaling))
+scaling = dict(tokens=trained, batch=total_batch, batch_rule=batch_rule, ref_batch=ref_batch, ref_tokens=ref_tokens,
+               lr_exponent=args.batch_lr_scaling, wd_rule=bool(args.wd_scaling), scaling_params=n_scaling,
+               flops_per_token=flops_per_token, lr_factor=scale["lr"], wd_factor=scale["wd"],
+               rules=describe(total_batch, trained, ref_batch, ref_tokens, args.batch_lr_scaling,
+                              bool(args.wd_scaling), scale))
 # the global batch is read through data streams (nanochat/dataloader.py: StepBatches), independent of world size
 data_streams = args.data_streams or (prev["data_streams"] if prev else world_size)
 rows_per_step = total_batch // T
@@ -239,23 +323,6 @@ eval_steps = max(1, args.eval_tokens // tokens_per_pass)
 # -----------------------------------------------------------------------------
 # model and optimizer
 
-n_embd = args.n_embd or args.depth * args.aspect_ratio
-n_head = args.n_head or max(1, n_embd // args.head_dim)
-try:
-    config = GPTConfig(sequence_len=T, vocab_size=tokenizer.get_vocab_size(), n_layer=args.depth, n_head=n_head,
-                       n_kv_head=args.n_kv_head or n_head, n_embd=n_embd, window_pattern=args.window_pattern,
-                       softcap=args.softcap, mup_base_width=args.mup_base_width, attn_mult=args.attn_mult,
-                       mup_base_head_dim=args.mup_base_head_dim, mup_base_n_kv_head=args.mup_base_n_kv_head,
-                       mup_base_n_layer=args.mup_base_depth, depth_alpha=args.depth_alpha,
-                       output_mult=args.output_mult, init_scale=args.init_scale, attn_impl=args.attn_impl,
-                       head_impl=args.head_impl, short_window=args.short_window, value_embeds=bool(args.value_embeds),
-                       smear=bool(args.smear), backout=bool(args.backout), scalar_init=args.scalar_init,
-                       qk_gain=args.qk_gain, fc_init=args.fc_init, embed_std=args.embed_std, rope_base=args.rope_base,
-                       pad_vocab_to=args.pad_vocab_to)
-except ValueError as e:  # the message names GPTConfig fields: name the options instead
-    option = lambda m: {"n_layer": "--depth", "mup_base_n_layer": "--mup-base-depth"}.get(  # noqa: E731
-        m.group(1), "--" + m.group(1).replace("_", "-"))
-    parser.error(re.sub(r"GPTConfig\.(\w+)", option, str(e)))
 # an explicit Triton choice the kernels cannot run fails here, in one line, not at the first forward
 if args.attn_impl == "triton":
     import kernels.attention_torch
@@ -268,14 +335,21 @@ if args.head_impl == "triton":
     if why := kernels.head_torch.unsupported(device_type, dtype):
         parser.error(f"--head-impl=triton cannot run {why}: use --head-impl chunked (or auto)")
 model = build_model(config, device)
-hp = OptimConfig(args.matrix_optimizer, wd_schedule=args.wd_schedule,
-                 **{name: getattr(args, name) for name in HP_OPTIONS},
-                 **{name: type(hp_fields[name].default)(getattr(args, name)) for name in SCHEDULE_OPTIONS})
+tuned = OptimConfig(args.matrix_optimizer, wd_schedule=args.wd_schedule,
+                    **{name: getattr(args, name) for name in HP_OPTIONS},
+                    **{name: type(hp_fields[name].default)(getattr(args, name)) for name in SCHEDULE_OPTIONS})
+hp = replace(tuned, weight_decay=tuned.weight_decay * scale["wd"], matrix_lr=tuned.hidden_lr() * scale["lr"],
+             **{name: getattr(tuned, name) * scale["lr"] for name in HP_OPTIONS if name.endswith("_lr")
+                and name != "matrix_lr"})
 optimizer = model.setup_optimizer(hp)
 if sharded:  # same groups, ZeRO-2 step: reduce-scatters the raw local gradients itself
     optimizer = DistMuonAdamW(optimizer.param_groups, rank, world_size)
 if master:
     print_role_table(model, model.param_rules(hp))
+log(f"horizon {trained:,} tokens ({num_steps} steps x {total_batch:,}; {n_scaling:,} scaling parameters, "
+    f"{trained / n_scaling:.3g} tokens each) | reference {ref_batch:,} x {ref_tokens:,} tokens")
+for line in ([batch_rule] if batch_rule else []) + scaling["rules"]:
+    log(f"  {line}")
 kernel_choice = choose_kernels(model, B, dtype, log)  # checked and timed per case; compiled below as chosen
 train_model = torch.compile(model, dynamic=False) if use_compile else model
 
@@ -297,7 +371,7 @@ def set_schedules(step):
 
 meta = dict(model_config=asdict(config), args=vars(args), world_size=world_size, data_dir=data_dir,
             tokenizer_dir=os.path.abspath(tok_dir), optimizer_sharded=sharded, data_streams=data_streams,
-            total_batch=total_batch, kernels=kernel_choice,
+            total_batch=total_batch, kernels=kernel_choice, scaling=scaling,
             depth_factors=config.depth_factors())  # the depth rule's (CompleteP; all 1 without it)
 start_step = 0
 if args.resume:
@@ -370,7 +444,6 @@ def stop(step, what):
 log(f"{sum(p.numel() for p in model.parameters()):,} params | {num_steps} steps x {total_batch:,} tokens "
     f"(grad accum {grad_accum}, world {world_size}) | {device_type} {str(dtype).split('.')[-1]}"
     f"{' compiled' if use_compile else ''} | out {out_dir}")
-flops_per_token = model.num_flops_per_token()
 peak_flops = peak_bf16_flops(device) if dtype == torch.bfloat16 else None  # MFU: bf16 on a GPU of known peak
 checks = LateChecks()
 

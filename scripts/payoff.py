@@ -95,14 +95,14 @@ for d in args.dirs:
                      "compare sweeps of one setup")
     sweeps.append((d, meta, summarize(rows, "val_bpb", 200)))
 depth, base_width = ctx
-width = args.width or max(w for _, _, s in sweeps for k in s for w in s[k]["widths"])
+width = args.width or max(w for _, _, s in sweeps for k in s for w in s[k]["values"])
 
 
 def optimum(d, s, mode, w):
     """The fitted optimum (log2 multiplier) of `mode` at width `w` in one sweep's summary, None if not swept there."""
-    if (mode, depth) not in s or w not in s[mode, depth]["widths"]:
+    if (mode, depth) not in s or w not in s[mode, depth]["values"]:
         return None
-    x = s[mode, depth]["optima"][s[mode, depth]["widths"].index(w)]
+    x = s[mode, depth]["optima"][s[mode, depth]["values"].index(w)]
     if not math.isfinite(x):
         parser.error(f"{d}: every {mode} run at width {w} diverged: widen the sweep's --mults")
     return x

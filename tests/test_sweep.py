@@ -135,6 +135,54 @@ def test_report_files_and_recommended_command(swept, corpus, tmp_path):
     assert cmd.count("--matrix-lr") == 1 and cmd[cmd.index("--matrix-lr") + 1] == f"{0.02 * 2.0:.4g}"
 
 
+def test_report_command_takes_the_proxy_to_the_target_batch_and_horizon(swept, tmp_path):
+    out, _ = swept
+    rep = tmp_path / "report"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "transfer_report.py"), str(out), "--out",
+                        str(rep), "--n-boot", "20", "--target-width", "64", "--target-depth", "2", "--target-tokens",
+                        str(384 * 8), "--target-batch", "auto"], env=env(PYTHONPATH=ROOT), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    report = json.load(open(rep / "report.json"))
+    cmd = shlex.split(report["command"])
+    opt = lambda o: cmd[cmd.index(o) + 1]  # noqa: E731
+    # proxy: 3 steps x 128 tokens; 8x the tokens -> 128 x 8^0.383 = 284 -> 256 tokens per step
+    assert (opt("--ref-batch-size"), opt("--ref-tokens"), opt("--total-batch-size")) == ("128", "384", "256")
+    assert opt("--depth") == "2" and opt("--target-tokens") == "3072" and "--num-iterations" not in cmd
+    assert any("every LR x 1.414" in line for line in report["rules"])
+    assert any("weight decay x 0.1768" in line for line in report["rules"])  # 2 x (1 / 8) / 1.414
+    run = subprocess.run([sys.executable, *cmd[1:], "--out-dir", str(tmp_path / "big")], cwd=ROOT,
+                         env=env(PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    s = json.load(open(tmp_path / "big" / "config.json"))["scaling"]
+    assert (s["batch"], s["tokens"], s["lr_factor"]) == (256, 3072, pytest.approx(2 ** 0.5))
+    assert s["wd_factor"] == pytest.approx(2 / 8 / 2 ** 0.5)
+
+
+def test_batch_and_horizon_axes_run_each_point_with_its_shape(corpus, tmp_path):
+    out = tmp_path / "shape"
+    args = sweep_args(corpus, out, widths="32", mults="0", modes="mup", batches="128 256", horizons="512 1024")
+    bad = subprocess.run(SWEEP + args, env=env(), capture_output=True, text=True)  # TRAIN's --num-iterations 3
+    assert bad.returncode == 2 and "option --num-iterations is set by the sweep" in bad.stderr
+    i = args.index("--num-iterations")
+    args = args[:i] + args[i + 2:]
+    r = subprocess.run(SWEEP + args, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    runs = sorted(p for p in out.iterdir() if p.is_dir())
+    assert [p.name for p in runs] == [f"mup_d1_w32_x0_s0_b{b}_t{t}" for b in (128, 256) for t in (1024, 512)]
+    for run in runs:
+        point, cfg = json.load(open(run / "point.json")), json.load(open(run / "config.json"))
+        assert cfg["total_batch"] == point["batch"] and cfg["scaling"]["tokens"] == point["tokens"]
+        assert len(metrics_of(run)) == point["tokens"] // point["batch"]
+    rows = read_runs(str(out))[1]
+    assert {(r["batch"], r["tokens"]) for r in rows} == {(b, t) for b in (128, 256) for t in (512, 1024)}
+    assert json.load(open(out / "sweep.json"))["batches"] == [128, 256]
+
+
+def metrics_of(run):
+    return [json.loads(line) for line in open(run / "metrics.jsonl")]
+
+
 def test_payoff_runs_the_three_arms_with_their_tuned_values(swept, tmp_path):
     out, _ = swept
     pay = tmp_path / "payoff"
@@ -146,7 +194,7 @@ def test_payoff_runs_the_three_arms_with_their_tuned_values(swept, tmp_path):
     s = summarize(read_runs(str(out))[1], "val_bpb", n_boot=10)
     want = {"mup": ("mup", 32, 32), "sp": ("sp", 64, 0), "mup_tuned": ("mup", 64, 32)}
     for arm, (mode, tuned_at, base) in want.items():
-        x = s[mode, 1]["optima"][s[mode, 1]["widths"].index(tuned_at)]
+        x = s[mode, 1]["optima"][s[mode, 1]["values"].index(tuned_at)]
         assert res["tuned"][arm]["--matrix-lr"]["log2_mult"] == pytest.approx(x)
         runs = sorted((pay / arm).glob("*_s*"))
         assert len(runs) == 2

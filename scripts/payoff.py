@@ -14,6 +14,11 @@ the noise they were selected on. Swept groups are tuned one at a time and then c
 
     python scripts/payoff.py runs/sweep_matrix_lr runs/sweep_unembedding_lr --width 256 --seeds "3 4 5" \
         --out runs/payoff
+
+Along batch and horizon (--target-batch, --target-tokens): two muP arms at --width (default: the base width), both
+with the hyperparameters fitted at the base width on the sweeps' batch and tokens, trained at the target's:
+- rules: with the batch and horizon rules (nanochat/scaling.py) from the sweeps' shape to the target's;
+- plain: the same values unscaled. The report gives rules - plain.
 """
 
 import json
@@ -34,7 +39,14 @@ parser.add("--out", default="", path="out", fix="pass a writable directory, e.g.
 parser.add("--shard", default="0/1", help="passed to sweep.sh: run every N-th point (i/N), for parallel processes")
 parser.add("--n-boot", type=int, default=10000, min=1, help="bootstrap resamples")
 parser.add("--report-only", action="store_true", help="report the finished runs, start none")
+parser.add("--target-batch", default="0",
+           help="tokens per step of the rules payoff (auto: Power Lines from the sweeps' batch and tokens)")
+parser.add("--target-tokens", type=int, default=0, min=0, help="training tokens of the rules payoff (0 = the sweeps')")
+parser.add("--batch-lr-scaling", type=float, default=0.5, min=0, help="LR batch rule exponent of the rules arm")
 args = parser.parse_args()
+if args.target_batch != "auto" and not args.target_batch.isdigit():
+    parser.error(f"--target-batch={args.target_batch}: pass a number of tokens, 0 (the sweeps') or auto")
+rules = args.target_batch != "0" or args.target_tokens > 0
 if not args.out:
     parser.error("--out is required: the payoff directory, e.g. --out runs/payoff")
 seeds = args.seeds.split()
@@ -47,7 +59,8 @@ for d in args.dirs:
 
 import numpy as np  # noqa: E402
 
-from nanochat.transfer import drop_options, read_runs, summarize, swept_options  # noqa: E402
+from nanochat.scaling import auto_batch  # noqa: E402
+from nanochat.transfer import HORIZON_OPTS, drop_options, read_runs, summarize, swept_options  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,7 +87,7 @@ def unfinished(d, rows):
     return ""
 
 
-sweeps, common, ctx = [], None, None
+sweeps, common, ctx, shape = [], None, None, None
 for d in args.dirs:
     meta, rows = read_runs(d)
     if not rows:
@@ -93,9 +106,13 @@ for d in args.dirs:
     elif (rest, (depths.pop(), base_width)) != (common, ctx):
         parser.error(f"{d}: its base_train options, depth or base width differ from {args.dirs[0]}'s: "
                      "compare sweeps of one setup")
+    shapes = {(r["batch"], r["tokens"]) for r in rows}
+    if len(shapes) > 1 or shape not in (None, *shapes):
+        parser.error(f"{d}: runs of several batches or horizons ({sorted(shapes)}): pass width sweeps of one shape")
+    shape = shapes.pop()
     sweeps.append((d, meta, summarize(rows, "val_bpb", 200)))
 depth, base_width = ctx
-width = args.width or max(w for _, _, s in sweeps for k in s for w in s[k]["values"])
+width = args.width or (base_width if rules else max(w for _, _, s in sweeps for k in s for w in s[k]["values"]))
 
 
 def optimum(d, s, mode, w):
@@ -111,6 +128,8 @@ def optimum(d, s, mode, w):
 # a later sweep of the same hyperparameter (a second tuning pass, the other groups at their tuned values) overrides
 # an earlier one wherever it has runs of that mode and width
 arms = {"mup": ("mup", base_width), "sp": ("sp", width), "mup_tuned": ("mup", width)}
+if rules:
+    arms = {"rules": ("mup", base_width), "plain": ("mup", base_width)}
 tuned = {arm: {} for arm in arms}  # arm -> {option: (value, log2 multiplier on its sweep's base)}
 for arm, (mode, w) in arms.items():
     for d, meta, s in sweeps:
@@ -126,11 +145,20 @@ for arm, (mode, w) in arms.items():
 # runs: one sweep.sh call per arm, a single multiplier (0) on the tuned values
 
 first = sweeps[0][1]["hp"]
+target = []  # the rules payoff: every arm at the target's batch and horizon
+if rules:
+    tokens = args.target_tokens or shape[1]
+    batch = auto_batch(tokens, *shape) if args.target_batch == "auto" else int(args.target_batch) or shape[0]
+    target = ["--batches", str(batch), "--horizons", str(tokens)]
+    common = drop_options(common, set(HORIZON_OPTS) | {"--total-batch-size"})
+arm_opts = dict(rules=["--ref-batch-size", str(shape[0]), "--ref-tokens", str(shape[1]), "--batch-lr-scaling",
+                       f"{args.batch_lr_scaling:g}", "--wd-scaling", "1"],
+                plain=["--batch-lr-scaling", "0", "--wd-scaling", "0"])
 for arm, (mode, _) in arms.items():
-    opts = [a for o, (v, _) in tuned[arm].items() for a in (o, f"{v:.6g}")]
+    opts = [a for o, (v, _) in tuned[arm].items() for a in (o, f"{v:.6g}")] + arm_opts.get(arm, [])
     cmd = ["bash", os.path.join(ROOT, "scripts", "sweep.sh"), "--hp", first, "--out", os.path.join(args.out, arm),
            "--widths", str(width), "--base-width", str(base_width), "--mults", "0", "--seeds", " ".join(seeds),
-           "--modes", mode, "--depths", str(depth), "--shard", args.shard, "--", *common, *opts]
+           "--modes", mode, "--depths", str(depth), "--shard", args.shard, *target, "--", *common, *opts]
     print(f"{arm}: {shlex.join(cmd)}", flush=True)
     if not args.report_only:
         rc = subprocess.call(cmd)
@@ -161,23 +189,27 @@ def diff(a, b):
     return dict(mean=float(A.mean() - B.mean()), ci=[float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))])
 
 
+compare = ([("rules", "plain", "with the batch and horizon rules - without")] if rules else
+           [("mup", "sp", "muP transferred - SP tuned at the target"),
+            ("mup", "mup_tuned", "muP transferred - muP tuned at the target (cost of transfer)")])
 res = dict(width=width, base_width=base_width, depth=depth, seeds=seeds, common_options=common,
            tuned={a: {o: dict(value=v, log2_mult=x) for o, (v, x) in t.items()} for a, t in tuned.items()},
-           val_bpb={a: vals[a].tolist() for a in arms}, mup_minus_sp=diff("mup", "sp"),
-           mup_minus_mup_tuned=diff("mup", "mup_tuned"))
-lines = [f"# muP payoff at width {width} (base width {base_width}, depth {depth})", "",
+           val_bpb={a: vals[a].tolist() for a in arms}, **{f"{a}_minus_{b}": diff(a, b) for a, b, _ in compare})
+if rules:
+    res.update(proxy=dict(batch=shape[0], tokens=shape[1]), target=dict(batch=batch, tokens=tokens))
+where = f" at {batch:,} tokens per step, {tokens:,} tokens (proxy: {shape[0]:,} x {shape[1]:,})" if rules else ""
+lines = [f"# muP payoff at width {width}{where} (base width {base_width}, depth {depth})", "",
          f"Sweeps: {', '.join(args.dirs)}. Common base_train options: `{shlex.join(common)}`. "
          f"Seeds {' '.join(seeds)}.", "",
-         "| arm | tuned where | " + " | ".join(f"{o} (log2 mult)" for o in tuned["mup"])
+         "| arm | tuned where | " + " | ".join(f"{o} (log2 mult)" for o in tuned[compare[0][0]])
          + " | val bpb per seed | mean |",
-         "|---|---|" + "---|" * len(tuned["mup"]) + "---|---|"]
+         "|---|---|" + "---|" * len(tuned[compare[0][0]]) + "---|---|"]
 for arm, (mode, w) in arms.items():
     cells = " | ".join(f"{v:.4g} ({x:+.2f})" for v, x in tuned[arm].values())
     lines.append(f"| {arm} | {mode} at width {w} | {cells} | {' '.join(f'{v:.4f}' for v in vals[arm])} "
                  f"| {vals[arm].mean():.4f} |")
-for key, what in (("mup_minus_sp", "muP transferred - SP tuned at the target"),
-                  ("mup_minus_mup_tuned", "muP transferred - muP tuned at the target (cost of transfer)")):
-    r = res[key]
+for a, b, what in compare:
+    r = res[f"{a}_minus_{b}"]
     lines.append(f"\n- {what}: {r['mean']:+.4f} bpb [95% CI {r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}]")
 atomic_write_text(os.path.join(args.out, "payoff.md"), "\n".join(lines) + "\n")
 atomic_write_text(os.path.join(args.out, "payoff.json"), json.dumps(res, indent=1))

@@ -240,6 +240,31 @@ def test_payoff_runs_the_three_arms_with_their_tuned_values(swept, tmp_path):
     assert r3.returncode == 2 and "sp width 64 has no run" in r3.stderr, r3.stderr
 
 
+def test_payoff_of_the_batch_and_horizon_rules(swept, tmp_path):
+    out, _ = swept
+    pay = tmp_path / "rules"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "payoff.py"), str(out), "--seeds", "5 6",
+                        "--out", str(pay), "--n-boot", "100", "--target-batch", "256", "--target-tokens", "768"],
+                       env=env(PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.load(open(pay / "payoff.json"))
+    assert res["proxy"] == dict(batch=128, tokens=384) and res["target"] == dict(batch=256, tokens=768)
+    s = summarize(read_runs(str(out))[1], "val_bpb", n_boot=10)
+    x = s["mup", 1]["optima"][s["mup", 1]["values"].index(32)]  # tuned at the base width, on the proxy's shape
+    want = dict(rules=(2 ** 0.5, 2 * (384 / 768) / 2 ** 0.5), plain=(1.0, 1.0))
+    for arm, (lr, wd) in want.items():
+        runs = sorted((pay / arm).glob("mup_d1_w32_*"))
+        assert len(runs) == 2
+        for run in runs:
+            cfg = json.load(open(run / "config.json"))
+            assert cfg["args"]["matrix_lr"] == pytest.approx(0.02 * 2.0 ** x, rel=1e-5)
+            assert (cfg["total_batch"], cfg["scaling"]["tokens"]) == (256, 768)
+            assert (cfg["scaling"]["lr_factor"], cfg["scaling"]["wd_factor"]) == (pytest.approx(lr), pytest.approx(wd))
+    vals = {a: np.array(v) for a, v in res["val_bpb"].items()}
+    assert res["rules_minus_plain"]["mean"] == pytest.approx(vals["rules"].mean() - vals["plain"].mean())
+    assert "with the batch and horizon rules - without" in (pay / "payoff.md").read_text()
+
+
 def test_depth_rule_axis_runs_each_alpha_and_the_depth_report_reads_it(corpus, tmp_path):
     # --alphas "0 1" at depth 2: no depth rule (depth 2 is its own base) and CompleteP from base depth 1; 2 runs
     out = tmp_path / "depth"

@@ -291,6 +291,15 @@ class GPTConfig:
         return self.output_mult / self.width_mult if self.use_mup else 1.0
 
     @property
+    def has_backout(self):
+        """Backout subtracts the middle block's output (block n_layer // 2, nanochat's choice). At depth <= 2 that is
+        the last block, where x - lambda x only rescales x before the final norm: the loss ignores lambda (its
+        gradient is rounding noise) except at lambda = 1, where the readout's input vanishes and then flips sign.
+        AdamW's lr x sign(noise) steps walk lambda there: loss spikes to 13-17 nats in about half of the depth-2
+        runs at 512 tokens per step (measured). So no backout below depth 3."""
+        return self.backout and self.n_layer // 2 < self.n_layer - 1
+
+    @property
     def padded_vocab(self):
         """Rows of the embeddings and lm_head: vocab_size rounded up to pad_vocab_to (whole tensor-core tiles); the
         padding rows are never looked up and never scored (the logits are cut back to vocab_size)."""

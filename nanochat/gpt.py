@@ -175,7 +175,7 @@ class GPT(nn.Module):
         if config.smear:  # smear: x_t += smear_lambda * sigmoid(gate(x_t[:24])) * x_{t-1}, on the embedding
             self.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
             self.smear_lambda = nn.Parameter(torch.empty(1))
-        if config.backout:  # backout: x -= backout_lambda * (residual after the middle block), before the final norm
+        if config.has_backout:  # x -= backout_lambda * (residual after the middle block), before the final norm
             self.backout_lambda = nn.Parameter(torch.empty(1))
         self.windows = config.windows()
         self.head_impl = config.head_impl  # nanochat/kernel_choice.py may resolve `auto`
@@ -467,7 +467,7 @@ class GPT(nn.Module):
                 x_mid = x
         if kv_cache is not None:
             kv_cache.pos += T
-        if cfg.backout:  # remove the middle layer's low-level features before the readout (nanochat)
+        if cfg.has_backout:  # remove the middle layer's low-level features before the readout (nanochat)
             x = x - self.backout_lambda * x_mid
         x = norm(x)
         hooked = self.lm_head._forward_hooks or self.lm_head._forward_pre_hooks  # coord checks must see lm_head

@@ -77,6 +77,13 @@ def test_backout_subtracts_the_middle_layers_residual():
     assert not hasattr(build(backout=False), "backout_lambda")
 
 
+@pytest.mark.parametrize("n_layer", [1, 2])
+def test_no_backout_where_the_middle_block_is_the_last(n_layer):
+    # there x - lambda x is a rescale the final norm removes, except for the sign flip at lambda = 1
+    assert build(n_layer=n_layer, backout=True).config.has_backout is False
+    assert not hasattr(build(n_layer=n_layer), "backout_lambda") and hasattr(build(n_layer=3), "backout_lambda")
+
+
 def test_scalar_init_ramps_over_the_layers():
     model = build(n_layer=5)
     torch.testing.assert_close(model.resid_lambdas.data, torch.tensor([1.15, 1.125, 1.1, 1.075, 1.05]))

@@ -39,6 +39,9 @@ def test_depth_factors_are_exactly_one_at_the_base_depth(alpha, opt):
 @pytest.mark.parametrize("opt", ["muon", "adamw"])
 def test_depth_rules_per_role(alpha, opt):
     base = {r["name"]: r for r in model(n_layer=2).param_rules(matrix_optimizer=opt, **KW)}
+    # depth 2 has no backout (its middle block is the last); a gate's rules are those of any depth
+    base["backout_lambda"] = next(r for r in model(n_layer=3).param_rules(matrix_optimizer=opt, **KW)
+                                  if r["name"] == "backout_lambda")
     deep = model(n_layer=8, mup_base_n_layer=2, depth_alpha=alpha)
     mL = 4.0
     assert deep.config.branch_mult == pytest.approx(mL ** -alpha)

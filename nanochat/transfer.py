@@ -151,9 +151,11 @@ def read_runs(sweep_dir):
         row = dict(json.load(open(os.path.join(run, "point.json"))), hp=meta["hp"], run=run)
         cfg = json.load(open(os.path.join(run, "config.json")))
         row["base_width"] = cfg["model_config"]["mup_base_width"]
-        row["batch"], a = cfg["total_batch"], cfg["args"]  # an older base_train wrote no "scaling": count its steps
-        steps = math.ceil(a["target_tokens"] / row["batch"]) if a.get("target_tokens") else a["num_iterations"]
-        row["tokens"] = cfg.get("scaling", {}).get("tokens", steps * row["batch"])
+        row["batch"], row["tokens"] = cfg.get("total_batch"), cfg.get("scaling", {}).get("tokens")
+        a = cfg.get("args", {})
+        if row["tokens"] is None and row["batch"] and "num_iterations" in a:  # an older base_train: count its steps
+            steps = math.ceil(a["target_tokens"] / row["batch"]) if a.get("target_tokens") else a["num_iterations"]
+            row["tokens"] = steps * row["batch"]
         status = open(done).read().strip()
         m = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl")) if line.strip()]
         evals = [r["val_bpb"] for r in m if "val_bpb" in r]
@@ -192,7 +194,7 @@ AXES = ("width", "batch", "tokens")
 
 def varied(rows):
     """The axes (width, batch, tokens) along which the rows' points differ."""
-    return [a for a in AXES if len({r[a] for r in rows}) > 1]
+    return [a for a in AXES if len({r.get(a) for r in rows}) > 1]
 
 
 def grid(rows, metric, axis="width"):

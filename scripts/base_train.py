@@ -157,6 +157,9 @@ if args.total_batch_size == "auto":
 if not re.fullmatch(r"-1|\d+", args.total_batch_size):
     parser.error(f"--total-batch-size={args.total_batch_size}: pass a number of tokens, 0 (one pass) or auto")
 args.total_batch_size = int(args.total_batch_size)
+if bool(args.ref_batch_size) != bool(args.ref_tokens):
+    pair = ["--ref-batch-size", "--ref-tokens"][::1 if args.ref_batch_size else -1]
+    parser.error(f"{pair[0]} without {pair[1]}: the reference is a run's batch and its tokens, pass both")
 if not args.window_pattern or set(args.window_pattern) - {"L", "S"}:
     parser.error(f"--window-pattern={args.window_pattern}: use only the letters L and S, e.g. --window-pattern SSL")
 out_dir = os.path.abspath(args.out_dir or os.path.join("runs", args.run or "base"))
@@ -240,6 +243,10 @@ tokenizer = Tokenizer.load(tok_dir)
 token_bytes = get_token_bytes(tok_dir, device)
 B, T = args.device_batch_size, args.sequence_len
 tokens_per_pass = B * T * world_size
+
+# -----------------------------------------------------------------------------
+# model config (the horizon and batch rules below count its parameters)
+
 n_embd = args.n_embd or args.depth * args.aspect_ratio
 n_head = args.n_head or max(1, n_embd // args.head_dim)
 try:
@@ -267,9 +274,6 @@ try:
     tokens = horizon(args.target_tokens, args.target_param_data_ratio, args.target_flops, n_scaling, flops_per_token)
 except ValueError as e:
     parser.error(str(e))
-if (args.ref_batch_size > 0) != (args.ref_tokens > 0):
-    given, missing = ("--ref-batch-size", "--ref-tokens")[::1 if args.ref_batch_size else -1]
-    parser.error(f"{given} without {missing}: the reference is a run's batch and its tokens, pass both")
 total_batch_size, batch_rule = args.total_batch_size, None
 if total_batch_size == -1 and prev:
     total_batch_size = 0  # the checkpoint's

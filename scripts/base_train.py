@@ -158,8 +158,8 @@ if not re.fullmatch(r"-1|\d+", args.total_batch_size):
     parser.error(f"--total-batch-size={args.total_batch_size}: pass a number of tokens, 0 (one pass) or auto")
 args.total_batch_size = int(args.total_batch_size)
 if bool(args.ref_batch_size) != bool(args.ref_tokens):
-    pair = ["--ref-batch-size", "--ref-tokens"][::1 if args.ref_batch_size else -1]
-    parser.error(f"{pair[0]} without {pair[1]}: the reference is a run's batch and its tokens, pass both")
+    given, missing = ("--ref-batch-size", "--ref-tokens")[::1 if args.ref_batch_size else -1]
+    parser.error(f"{given} without {missing}: the reference is a run's batch and its tokens, pass both")
 if not args.window_pattern or set(args.window_pattern) - {"L", "S"}:
     parser.error(f"--window-pattern={args.window_pattern}: use only the letters L and S, e.g. --window-pattern SSL")
 out_dir = os.path.abspath(args.out_dir or os.path.join("runs", args.run or "base"))

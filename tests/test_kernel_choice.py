@@ -3,14 +3,11 @@
 one, and takes a correct one that times faster, which the model then runs; `triton` keeps the kernel and still
 reports; `sdpa` / `chunked` skip the check. Also the static `auto` rule outside base_train (fp32 stays on PyTorch)."""
 
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import DEVICE, ROOT
+from conftest import DEVICE, torchrun
 
 import kernels.attention
 import kernels.head
@@ -157,6 +154,7 @@ def test_static_auto_leaves_float32_to_pytorch():
 
 
 AGREE = '''
+import os
 import sys
 
 import torch.distributed as dist
@@ -174,15 +172,14 @@ agree_across_ranks(model, record, log=lambda *a: None)
 dist.destroy_process_group()
 with open(sys.argv[1] + f"/rank{rank}.txt", "w") as f:
     f.write(f"{[b.attn.attn_impl for b in model.transformer.h]} {model.head_impl}")
+os._exit(0)
 '''
 
 
 def test_ranks_agree_on_the_slowest_choice(tmp_path):
     script = tmp_path / "agree.py"
     script.write_text(AGREE)
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    r = torchrun(script, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     got = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
     assert got == ["['sdpa', 'triton'] triton"] * 2

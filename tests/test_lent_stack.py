@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tomllib
 
-from conftest import ROOT, train_cmd
+from conftest import ROOT, torchrun, train_cmd
 from packaging.requirements import Requirement
 
 # makes `import NAME` fail for the names in HIDDEN, as if they were not installed (as tests/test_no_triton.py does)
@@ -79,6 +79,7 @@ def test_run_without_wandb_is_one_line(corpus, tmp_path):
 
 
 SHARDED_STEP = '''
+import os
 import sys
 import warnings
 
@@ -100,15 +101,14 @@ with warnings.catch_warnings(record=True) as caught:
 with open(f"{sys.argv[1]}/rank{dist.get_rank()}.txt", "w") as f:  # torch 2.13 warns on its old collective names
     f.write("".join(f"{w.message}\\n" for w in caught if "torch.distributed." in str(w.message)))
 dist.destroy_process_group()
+os._exit(0)
 '''
 
 
 def test_sharded_step_uses_this_torchs_collectives(tmp_path):
     script = tmp_path / "step.py"
     script.write_text(SHARDED_STEP)
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    r = torchrun(script, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)] == ["", ""]
 

@@ -4,12 +4,10 @@ of a multi-node run writes its checkpoint files where rank 0 can see them (nanoc
 non-finite and resume behaviour is tested end to end in test_dist.py and test_train.py."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import DEVICE, ROOT
+from conftest import DEVICE, torchrun
 
 from nanochat.checkpoint import ckpt_dir, missing_rank_files
 from nanochat.dataloader import DataLoader, StepBatches
@@ -99,7 +97,9 @@ root = sys.argv[1]
 run_dir = root if sys.argv[2] == "shared" else os.path.join(root, f"node{rank}")  # separate disks: a dir per node
 result = f"{shared_dir_problem(run_dir, rank, 2, 'cpu')} {sorted(os.listdir(run_dir))}"
 dist.destroy_process_group()
-open(os.path.join(root, f"rank{rank}.txt"), "w").write(result)
+with open(os.path.join(root, f"rank{rank}.txt"), "w") as f:
+    f.write(result)
+os._exit(0)
 '''
 
 
@@ -107,10 +107,7 @@ open(os.path.join(root, f"rank{rank}.txt"), "w").write(result)
 def test_ranks_refuse_a_run_dir_they_do_not_share(tmp_path, layout):
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script), str(tmp_path / "runs"), layout], env=env, capture_output=True, text=True,
-                       timeout=120)
+    r = torchrun(script, tmp_path / "runs", layout)
     assert r.returncode == 0, r.stderr[-2000:]
     results = [(tmp_path / "runs" / f"rank{rank}.txt").read_text() for rank in range(2)]
     if layout == "shared":

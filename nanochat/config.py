@@ -43,8 +43,8 @@ class OptimConfig:
     matrix_lr: float = field(default=None, metadata=dict(
         help=f"hidden-matrix LR (default: muon {MATRIX_LR['muon']}, adamw {MATRIX_LR['adamw']})"))
     embedding_lr: float = field(default=0.3, metadata=dict(help="AdamW LR of the token embedding (value embeddings: "
-                                                                "half of it; the Muon setup scales both by (width / "
-                                                                "768)^-0.5; muP: base width)"))
+                                                                "half of it; both scaled by (width / 768)^-0.5; "
+                                                                "muP: base width)"))
     unembedding_lr: float = field(default=0.008, metadata=dict(help="AdamW LR of lm_head (scaled as the embedding's)"))
     scalar_lr: float = field(default=0.5, metadata=dict(help="AdamW LR of x0_lambdas (resid_lambdas: 0.01 x it)"))
     gate_lr: float = field(default=0.2, metadata=dict(help="AdamW LR of the smear gate and the smear / backout "

@@ -341,8 +341,9 @@ class GPT(nn.Module):
           multiplicative residual scale compounds through the layers). Gates (smear gate, smear and backout
           lambdas: fixed class, 24 -> 1 or 1 entry): gate_lr, constant.
         - AdamW betas and the fixed decays of the AdamW groups: nanochat's per group (config.ADAMW_GROUPS).
-        - the Muon setup keeps nanochat's SP factor (n_embd/768)^-0.5 on the AdamW groups; muP uses its
-          value at the base width, so base-width hyperparameters mean the same in both modes.
+        - embedding, value embeddings and readout keep nanochat's SP factor (n_embd/768)^-0.5 in both setups
+          (without it the all-AdamW readout sat 2^1.3 below its optimum at width 64); muP uses its value at
+          the base width, so base-width hyperparameters mean the same in both modes.
         Depth (`depth_alpha` > 0, m_L = L / L_base; CompleteP Table 1, Dey et al. 2025), times the width rules:
         - block matrices: forward m_L^-alpha on each branch output (c_proj rows), LR x m_L^(alpha-1) (a branch's
           change is then ~1/L, summed over L blocks O(1); the same for Muon, whose update size is ~lr), Adam eps
@@ -354,11 +355,8 @@ class GPT(nn.Module):
         h = replace(hp, **kw) if hp else OptimConfig(**kw)
         cfg = self.config
         use_mup = self._resolve_mup(use_mup, base_width)
-        if h.matrix_optimizer == "muon":
-            width = cfg.mup_base_width if use_mup else cfg.n_embd
-            adam_scale = (width / ADAMW_LR_REFERENCE_WIDTH) ** -0.5
-        else:
-            adam_scale = 1.0
+        width = cfg.mup_base_width if use_mup else cfg.n_embd
+        adam_scale = (width / ADAMW_LR_REFERENCE_WIDTH) ** -0.5
         dm, alpha, depth = cfg.depth_mult, cfg.depth_alpha, cfg.depth_factors()
         rows = []
         for name, s in self.param_shapes().items():

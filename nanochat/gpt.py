@@ -342,7 +342,7 @@ class GPT(nn.Module):
           lambdas: fixed class, 24 -> 1 or 1 entry): gate_lr, constant.
         - AdamW betas and the fixed decays of the AdamW groups: nanochat's per group (config.ADAMW_GROUPS).
         - embedding, value embeddings and readout keep nanochat's SP factor (n_embd/768)^-0.5 in both setups
-          (without it the all-AdamW readout sat 2^1.3 below its optimum at width 64); muP uses its value at
+          (without it the all-AdamW readout sat 2^1.1 below its optimum at width 64); muP uses its value at
           the base width, so base-width hyperparameters mean the same in both modes.
         Depth (`depth_alpha` > 0, m_L = L / L_base; CompleteP Table 1, Dey et al. 2025), times the width rules:
         - block matrices: forward m_L^-alpha on each branch output (c_proj rows), LR x m_L^(alpha-1) (a branch's

@@ -190,12 +190,13 @@ def test_mup_rules_across_width():
 
 
 def test_sp_rules_across_width():
-    vector_like = {n for n, r in rules(64, 0, "muon").items() if r["role"] in ("embedding", "value_emb", "readout")}
+    muon64 = rules(64, 0, "muon")
+    vector_like = {n for n, r in muon64.items() if r["role"] in ("embedding", "value_emb", "readout")}
     assert {"transformer.wte.weight", "lm_head.weight"} <= vector_like
     for opt in ("muon", "adamw"):  # nanochat's (n_embd/768)^-0.5 on the embeddings and the readout, in both setups
         a, b = rules(64, 0, opt), rules(256, 0, opt)
         for n in vector_like:
-            assert a[n]["lr"] == pytest.approx(rules(64, 0, "muon")[n]["lr"])  # the setups share these groups
+            assert a[n]["lr"] == pytest.approx(muon64[n]["lr"])  # the setups share these groups
             assert b[n]["lr"] == pytest.approx(a[n]["lr"] / 2)
         if opt == "adamw":  # every other AdamW LR and eps is width-constant in SP
             assert all(a[n]["lr"] == b[n]["lr"] and a[n]["eps"] == b[n]["eps"] for n in a if n not in vector_like)
